@@ -1,0 +1,193 @@
+"""Run an evaluation: perplexity corpora and downstream tasks on one model, plus its footprint.
+
+`evaluate_model(EvalSpec(...))` loads the model, scores every task and measures size on disk,
+parameter count, bits per parameter, generation speed and peak RSS. `compare_models` runs each
+model in a fresh process, so each peak RSS is that model's own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import resource
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from ..io import folder_size
+from ..models import DTYPES, load_model, resolve_model
+from .data import load_corpus, load_docs, load_text_file
+from .loglikelihood import loglikelihoods, model_max_length
+from .perplexity import PROTOCOLS, perplexity
+from .tasks import PPL_TASKS, TASKS
+
+__all__ = ["EvalSpec", "DEFAULT_TASKS", "validate", "evaluate", "evaluate_model", "compare_models",
+           "score_task", "model_stats"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TASKS = ("wiki", "piqa", "hellaswag", "arc_easy", "lambada")
+TEXT_FILE_TASK = "text"  # the name --text-file results go under
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate and how; serialised into every result's `config`."""
+
+    model: str | None = None
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    limit: int | None = None  # first N items of each task / first N documents of each corpus
+    text_file: str | None = None
+    protocol: str = "gptq"
+    seqlen: int = 2048
+    stride: int | None = None  # sliding protocol only; default seqlen // 2
+    dtype: str = "float32"
+    batch_tokens: int = 4096
+    gen_tokens: int = 32  # tokens generated to measure speed; 0 skips it
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def validate(spec: EvalSpec) -> EvalSpec:
+    """Check a spec before any heavy work; raise UsageError naming the problem and the fix."""
+    unknown = [t for t in spec.tasks if t not in TASKS and t not in PPL_TASKS]
+    if unknown:
+        raise UsageError(f"unknown task '{unknown[0]}'; choose from: {', '.join([*PPL_TASKS, *TASKS])}")
+    if not spec.tasks and not spec.text_file:
+        raise UsageError("nothing to evaluate; give --tasks or --text-file")
+    if spec.limit is not None and spec.limit < 1:
+        raise UsageError(f"--limit {spec.limit} selects no items; use a positive number or leave it out")
+    if spec.protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol '{spec.protocol}'; use one of {', '.join(PROTOCOLS)}")
+    if spec.seqlen < 2:
+        raise UsageError(f"--seqlen {spec.seqlen} is too short; use at least 2 (2048 is usual)")
+    if spec.stride is not None and not 0 < spec.stride <= spec.seqlen:
+        raise UsageError(f"--stride {spec.stride} must be between 1 and --seqlen {spec.seqlen}")
+    if spec.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{spec.dtype}'; use float32, bfloat16 or float16")
+    if spec.text_file:
+        load_text_file(spec.text_file, limit=1)  # exists, readable, not empty
+    resolved = resolve_model(spec.model)
+    needs_ppl = spec.text_file or any(t in PPL_TASKS for t in spec.tasks)
+    if needs_ppl:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(resolved, trust_remote_code=False)
+        except OSError:
+            config = None  # load_model reports it with the right hint
+        context = config and model_max_length(config, default=0)
+        if context and spec.seqlen > context:
+            raise UsageError(f"--seqlen {spec.seqlen} is longer than the model's context of {context} "
+                             f"tokens; use --seqlen {min(2048, context)} or less")
+    return spec
+
+
+def score_task(model, tokenizer, task: str, limit: int | None = None, batch_tokens: int = 4096,
+               progress: bool = False) -> dict:
+    """Accuracy metrics of one downstream task on its first `limit` documents."""
+    spec = TASKS[task]
+    items = [spec.build(doc) for doc in load_docs(task, limit)]
+    flat = [req for item in items for req in item.requests]
+    scores = loglikelihoods(model, tokenizer, flat, batch_tokens=batch_tokens,
+                            progress=task if progress else None)
+    out: dict[str, float] = {}
+    pos, correct, correct_norm, lls = 0, 0, 0, []
+    for item in items:
+        ll = np.array([s[0] for s in scores[pos:pos + len(item.requests)]])
+        greedy = [s[1] for s in scores[pos:pos + len(item.requests)]]
+        pos += len(item.requests)
+        if spec.kind == "greedy":
+            correct += greedy[0]
+            lls.append(ll[0])
+            continue
+        lengths = np.array([float(len(c)) for c in item.choices])
+        correct += int(np.argmax(ll) == item.gold)
+        correct_norm += int(np.argmax(ll / lengths) == item.gold)
+    out["acc"] = correct / len(items)
+    if "acc_norm" in spec.metrics:
+        out["acc_norm"] = correct_norm / len(items)
+    if "ppl" in spec.metrics:
+        out["ppl"] = float(np.exp(-np.mean(lls)))  # lm-eval's loglikelihood perplexity
+    out["n"] = len(items)
+    return out
+
+
+def model_stats(model, resolved: str) -> dict:
+    """Size of the weight files on disk, parameter count and bits per parameter."""
+    folder = Path(resolved)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(resolved, local_files_only=True))
+    size = folder_size(folder, suffixes=(".safetensors", ".bin"))
+    params = model.num_parameters()
+    return {"size_mb": size / 2**20, "params_m": params / 1e6, "bits_per_param": 8 * size / params}
+
+
+@torch.inference_mode()
+def generation_speed(model, tokenizer, new_tokens: int) -> float:
+    """Greedy decoding speed at batch 1, tokens per second, after one warm-up run."""
+    prompt = tokenizer("The history of the city begins", return_tensors="pt").to(next(model.parameters()).device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    model.generate(**prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    start = time.perf_counter()
+    model.generate(**prompt, **kwargs)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def evaluate(model, tokenizer, spec: EvalSpec) -> dict:
+    """Scores of every task in `spec` for an already loaded model: {task: {metric: value}}."""
+    results: dict[str, dict] = {}
+    corpora = [(t, load_corpus(PPL_TASKS[t], spec.limit)) for t in spec.tasks if t in PPL_TASKS]
+    if spec.text_file:
+        corpora.append((TEXT_FILE_TASK, load_text_file(spec.text_file, spec.limit)))
+    for name, text in corpora:
+        try:
+            r = perplexity(model, tokenizer, text, seqlen=spec.seqlen, protocol=spec.protocol,
+                           stride=spec.stride, batch_tokens=spec.batch_tokens,
+                           progress=name if spec.progress else None)
+        except ValueError as e:
+            raise UsageError(f"{name}: {e}") from None
+        results[name] = r.to_dict()
+    for task in spec.tasks:
+        if task in TASKS:
+            results[task] = score_task(model, tokenizer, task, spec.limit, spec.batch_tokens, spec.progress)
+    return results
+
+
+def evaluate_model(spec: EvalSpec) -> dict:
+    """Load `spec.model`, evaluate it, and return the full result record."""
+    validate(spec)
+    started = time.perf_counter()
+    model, tokenizer, resolved = load_model(spec.model, dtype=spec.dtype)
+    results = evaluate(model, tokenizer, spec)
+    eval_seconds = time.perf_counter() - started
+    stats = model_stats(model, resolved)
+    if spec.gen_tokens:
+        stats["gen_tokens_per_s"] = generation_speed(model, tokenizer, spec.gen_tokens)
+    stats["eval_seconds"] = eval_seconds
+    stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    config = {k: v for k, v in asdict(spec).items() if k not in ("model", "progress", "extra")}
+    config.update(torch=torch.__version__, threads=torch.get_num_threads())
+    return {"model": spec.model or "smollm2-135m", "resolved": resolved, "results": results,
+            "stats": stats, "config": config}
+
+
+def _evaluate_in_child(spec: EvalSpec) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(evaluate_model, spec).result()
+
+
+def compare_models(spec: EvalSpec, other: str) -> tuple[dict, dict]:
+    """Evaluate `spec.model` and `other` with the same settings, each in a fresh process."""
+    validate(spec)
+    validate(replace(spec, model=other))
+    return _evaluate_in_child(spec), _evaluate_in_child(replace(spec, model=other))

@@ -1,0 +1,128 @@
+"""The `llmshrink` command line: one program, one sub-command per job.
+
+Bad input ends in one line on stderr (`llmshrink: error: ...`) and exit code 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import UsageError
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, instead of usage + message
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} selects nothing; use a positive number")
+    return value
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .evals import EvalSpec, compare_models, evaluate_model
+    from .evals.report import print_table, to_markdown
+    from .io import atomic_write_json, check_writable_file
+
+    output = check_writable_file(args.output) if args.output else None
+    spec = EvalSpec(model=args.model, tasks=args.tasks, limit=args.limit, text_file=args.text_file,
+                    protocol=args.protocol, seqlen=args.seqlen, stride=args.stride, dtype=args.dtype,
+                    batch_tokens=args.batch_tokens, gen_tokens=args.gen_tokens)
+    if args.compare:
+        a, b = compare_models(spec, args.compare)
+        record = {"models": [a, b]}
+    else:
+        a, b = evaluate_model(spec), None
+        record = a
+    console = Console()
+    print_table(a, b, console=console)
+    if args.markdown:
+        print(to_markdown(a, b))
+    if output:
+        atomic_write_json(output, record)
+        console.print(f"results written to {output}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .models import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .evals.harness import DEFAULT_TASKS
+    from .evals.tasks import PPL_TASKS, TASKS
+    from .models import DEFAULT_MODEL
+
+    parser = _Parser(prog="llmshrink", description="Make Hugging Face language models smaller and cheaper.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("eval", help="perplexity and downstream tasks, one model or two side by side",
+                       description="Evaluate a model on perplexity corpora and downstream tasks.")
+    p.add_argument("--model", default=None, help=f"packaged name, local folder or Hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--compare", metavar="MODEL", help="a second model to evaluate the same way, side by side")
+    p.add_argument("--tasks", type=_tasks, default=DEFAULT_TASKS,
+                   help=f"comma-separated; perplexity: {', '.join(PPL_TASKS)}; tasks: {', '.join(TASKS)} "
+                        f"(default {','.join(DEFAULT_TASKS)})")
+    p.add_argument("--text-file", help="also report perplexity on a local .txt or .jsonl (field 'text') file")
+    p.add_argument("--limit", type=_positive_int, help="first N items of each task and first N documents of each corpus")
+    p.add_argument("--protocol", choices=("gptq", "sliding"), default="gptq", help="perplexity protocol (default gptq)")
+    p.add_argument("--seqlen", type=_positive_int, default=2048, help="perplexity window (default 2048)")
+    p.add_argument("--stride", type=_positive_int, help="sliding protocol stride (default seqlen/2)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--batch-tokens", type=_positive_int, default=4096, help="padded tokens per forward pass")
+    p.add_argument("--gen-tokens", type=int, default=32, help="tokens generated to time decoding (0 skips)")
+    p.add_argument("--output", help="write results JSON here")
+    p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("prepare", help="convert a packaged model into the cache and print its folder",
+                       description="Resolve a model name (converting the packaged GGUF once) and print its folder.")
+    p.add_argument("--model", default=None, help=f"packaged name, local folder or Hub id (default {DEFAULT_MODEL})")
+    p.set_defaults(func=_cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if not args.verbose:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+        return args.func(args)
+    except UsageError as e:
+        print(f"llmshrink: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llmshrink: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

