@@ -20,10 +20,10 @@ import torch
 
 from ..errors import UsageError
 from ..io import folder_size
-from ..models import DTYPES, load_model, resolve_model
+from ..models import DTYPES, load_model, load_tokenizer, resolve_model
 from .data import load_corpus, load_docs, load_text_file
 from .loglikelihood import loglikelihoods, model_max_length
-from .perplexity import PROTOCOLS, perplexity
+from .perplexity import PROTOCOLS, check_windows, perplexity_of_ids
 from .tasks import PPL_TASKS, TASKS
 
 __all__ = ["EvalSpec", "DEFAULT_TASKS", "validate", "evaluate", "evaluate_model", "compare_models",
@@ -142,20 +142,29 @@ def generation_speed(model, tokenizer, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def evaluate(model, tokenizer, spec: EvalSpec) -> dict:
-    """Scores of every task in `spec` for an already loaded model: {task: {metric: value}}."""
-    results: dict[str, dict] = {}
+def tokenize_corpora(tokenizer, spec: EvalSpec) -> list[tuple[str, torch.Tensor]]:
+    """The perplexity corpora of `spec` as token ids, each checked to fill at least one window."""
     corpora = [(t, load_corpus(PPL_TASKS[t], spec.limit)) for t in spec.tasks if t in PPL_TASKS]
     if spec.text_file:
         corpora.append((TEXT_FILE_TASK, load_text_file(spec.text_file, spec.limit)))
+    tokenized = []
     for name, text in corpora:
+        ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
         try:
-            r = perplexity(model, tokenizer, text, seqlen=spec.seqlen, protocol=spec.protocol,
-                           stride=spec.stride, batch_tokens=spec.batch_tokens,
-                           progress=name if spec.progress else None)
+            check_windows(len(ids), spec.seqlen, spec.protocol, spec.stride)
         except ValueError as e:
             raise UsageError(f"{name}: {e}") from None
-        results[name] = r.to_dict()
+        tokenized.append((name, ids))
+    return tokenized
+
+
+def evaluate(model, tokenizer, spec: EvalSpec, corpora: list[tuple[str, torch.Tensor]] | None = None) -> dict:
+    """Scores of every task in `spec` for an already loaded model: {task: {metric: value}}."""
+    results: dict[str, dict] = {}
+    for name, ids in tokenize_corpora(tokenizer, spec) if corpora is None else corpora:
+        results[name] = perplexity_of_ids(model, ids, seqlen=spec.seqlen, protocol=spec.protocol,
+                                          stride=spec.stride, batch_tokens=spec.batch_tokens,
+                                          progress=name if spec.progress else None).to_dict()
     for task in spec.tasks:
         if task in TASKS:
             results[task] = score_task(model, tokenizer, task, spec.limit, spec.batch_tokens, spec.progress)
@@ -166,8 +175,9 @@ def evaluate_model(spec: EvalSpec) -> dict:
     """Load `spec.model`, evaluate it, and return the full result record."""
     validate(spec)
     started = time.perf_counter()
+    corpora = tokenize_corpora(load_tokenizer(spec.model), spec)  # bad corpora fail before the model loads
     model, tokenizer, resolved = load_model(spec.model, dtype=spec.dtype)
-    results = evaluate(model, tokenizer, spec)
+    results = evaluate(model, tokenizer, spec, corpora)
     eval_seconds = time.perf_counter() - started
     stats = model_stats(model, resolved)
     if spec.gen_tokens:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["PerplexityResult", "perplexity", "plan_windows", "window_nll"]
+__all__ = ["PerplexityResult", "check_windows", "perplexity", "perplexity_of_ids", "plan_windows", "window_nll"]
 
 PROTOCOLS = ("gptq", "sliding")
 
@@ -79,29 +79,37 @@ def window_nll(model, ids: torch.Tensor, score_from: int, chunk: int = 512) -> t
     return total
 
 
+def check_windows(n_tokens: int, seqlen: int, protocol: str, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """The windows for `n_tokens`, or ValueError if they would score nothing."""
+    if protocol == "sliding":
+        stride = stride or seqlen // 2
+        if not 0 < stride <= seqlen:
+            raise ValueError(f"stride={stride} must be between 1 and seqlen={seqlen}")
+    windows = plan_windows(n_tokens, seqlen, protocol, stride)
+    if not windows or all(b + s >= e for b, e, s in windows):
+        raise ValueError(f"the text has {n_tokens} tokens, too few for one window of seqlen={seqlen}; "
+                         "use a smaller seqlen or more text")
+    return windows
+
+
+def perplexity(model, tokenizer, text: str, **kwargs) -> PerplexityResult:
+    """Perplexity of `model` on `text`, tokenized once as a whole; see `perplexity_of_ids`."""
+    return perplexity_of_ids(model, torch.tensor(tokenizer(text).input_ids, dtype=torch.long), **kwargs)
+
+
 @torch.inference_mode()
-def perplexity(
+def perplexity_of_ids(
     model,
-    tokenizer,
-    text: str,
+    ids: torch.Tensor,
     seqlen: int = 2048,
     protocol: str = "gptq",
     stride: int | None = None,
     batch_tokens: int = 4096,
     progress: str | None = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on `text` under `protocol` (see the module docstring)."""
-    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
-    if protocol == "sliding":
-        stride = stride or seqlen // 2
-        if not 0 < stride <= seqlen:
-            raise ValueError(f"stride={stride} must be between 1 and seqlen={seqlen}")
-    else:
-        stride = None
-    windows = plan_windows(len(ids), seqlen, protocol, stride)
-    if not windows or all(b + s >= e for b, e, s in windows):
-        raise ValueError(f"the text has {len(ids)} tokens, too few for one window of seqlen={seqlen}; "
-                         "use a smaller seqlen or more text")
+    """Perplexity of `model` on the token ids `ids` [n] under `protocol` (see the module docstring)."""
+    stride = (stride or seqlen // 2) if protocol == "sliding" else None
+    windows = check_windows(len(ids), seqlen, protocol, stride)
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     per_batch = max(1, min(batch_tokens // seqlen, (1 << 30) // (seqlen * vocab * 4)))
