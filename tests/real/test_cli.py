@@ -68,3 +68,25 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, args, message, r
     assert len(lines) == 1 and lines[0].startswith("llmshrink: error:") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_cached_hub_id_loads_offline(tmp_path, real_model):
+    """A Hub id resolves through the Hugging Face cache, with no network (HF_HUB_OFFLINE=1)."""
+    import os
+
+    _, _, folder = real_model
+    repo = tmp_path / "hub" / "models--llmshrink-test--smollm2"
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    for f in os.listdir(folder):
+        (snapshot / f).symlink_to(os.path.join(folder, f))
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "hub.json"
+    proc = subprocess.run([sys.executable, "-m", "llmshrink", "eval", "--model", "llmshrink-test/smollm2",
+                           "--tasks", "arc_easy", "--limit", "3", "--gen-tokens", "0", "--output", str(out)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["resolved"] == "llmshrink-test/smollm2" and record["stats"]["size_mb"] > 500

@@ -1,6 +1,5 @@
 """Perplexity protocols on the packaged model and corpora."""
 
-import math
 
 import pytest
 import torch
@@ -10,41 +9,24 @@ from llmshrink.evals import load_corpus, perplexity
 pytestmark = pytest.mark.real
 
 
-def _reference(model, ids, seqlen, stride):
-    """The transformers perplexity guide's loop, one window at a time, counting tokens exactly."""
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + seqlen, len(ids))
-        x = ids[begin:end][None]
-        labels = x.clone()
-        labels[:, :-(end - prev_end)] = -100
-        with torch.no_grad():
-            loss = model(x, labels=labels).loss.item()
-        n = int((labels[:, 1:] != -100).sum())
-        nll, count, prev_end = nll + loss * n, count + n, end
-        if end == len(ids):
-            break
-    return math.exp(nll / count), count
-
-
-def test_sliding_equals_the_reference_loop(real_model):
+def test_sliding_equals_the_reference_loop(real_model, reference_perplexity):
     model, tokenizer, _ = real_model
     text = load_corpus("wiki", limit=12)
     ids = torch.tensor(tokenizer(text).input_ids)
     got = perplexity(model, tokenizer, text, seqlen=512, protocol="sliding", stride=256)
-    want, count = _reference(model, ids, 512, 256)
+    want, count = reference_perplexity(model, ids, 512, 256)
     assert got.tokens_scored == count == len(ids) - 1
     assert abs(got.ppl - want) / want < 1e-4
     assert got.windows == len(range(0, len(ids) - 256, 256))
 
 
-def test_gptq_equals_disjoint_windows_and_is_sane(real_model):
+def test_gptq_equals_disjoint_windows_and_is_sane(real_model, reference_perplexity):
     model, tokenizer, _ = real_model
     text = load_corpus("wiki", limit=12)
     ids = torch.tensor(tokenizer(text).input_ids)
     got = perplexity(model, tokenizer, text, seqlen=512, protocol="gptq")
     n = len(ids) // 512
-    want, count = _reference(model, ids[: n * 512], 512, 512)
+    want, count = reference_perplexity(model, ids[: n * 512], 512, 512)
     assert got.windows == n and got.tokens_scored == count == n * 511
     assert abs(got.ppl - want) / want < 1e-4
     # A 135M model on Wikipedia text: far better than uniform over 49k tokens, worse than 5.

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 
@@ -37,33 +35,16 @@ def test_window_nll_matches_a_hand_computed_sum(tiny):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def _reference_sliding(model, ids, seqlen, stride):
-    """One window at a time, labels masked with -100 as in the transformers perplexity guide."""
-    nll, count, prev_end = 0.0, 0, 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + seqlen, len(ids))
-        x = ids[begin:end][None]
-        labels = x.clone()
-        labels[:, :-(end - prev_end)] = -100
-        with torch.no_grad():
-            loss = model(x, labels=labels).loss.item()
-        n = int((labels[:, 1:] != -100).sum())
-        nll, count, prev_end = nll + loss * n, count + n, end
-        if end == len(ids):
-            break
-    return math.exp(nll / count), count
-
-
 @pytest.mark.parametrize("protocol", ["sliding", "gptq"])
-def test_batched_perplexity_equals_one_window_at_a_time(tiny, protocol):
+def test_batched_perplexity_equals_one_window_at_a_time(tiny, protocol, reference_perplexity):
     model, tok = tiny
     text = "the quick brown fox jumps over the lazy dog. " * 9
     ids = torch.tensor(tok(text).input_ids)
     got = perplexity(model, tok, text, seqlen=64, protocol=protocol, stride=24, batch_tokens=256)
     if protocol == "sliding":
-        want, count = _reference_sliding(model, ids, 64, 24)
+        want, count = reference_perplexity(model, ids, 64, 24)
     else:
-        want, count = _reference_sliding(model, ids[: len(ids) // 64 * 64], 64, 64)
+        want, count = reference_perplexity(model, ids[: len(ids) // 64 * 64], 64, 64)
     assert got.tokens_scored == count
     assert got.ppl == pytest.approx(want, rel=1e-5)
 
