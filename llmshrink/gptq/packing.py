@@ -1,0 +1,121 @@
+"""The standard GPTQ checkpoint layout: pack integer codes into int32 words and back.
+
+Layout (AutoGPTQ / GPTQModel `checkpoint_format: gptq`, read by transformers and vLLM):
+- `qweight` int32 [in * bits / 32, out]: along the input dimension, code k of a column sits at
+  bits [k * bits, (k + 1) * bits) of a little-endian bit stream over consecutive int32 words.
+  For 2/4/8 bits a word holds 32 / bits whole codes; for 3 bits, 32 codes span 3 words and
+  codes 10 and 21 straddle word boundaries (the same stream rule covers both).
+- `qzeros` int32 [groups, out * bits / 32]: zero points packed the same way along the output
+  dimension, stored minus one (the v1 format's historical offset).
+- `scales` fp16 [groups, out]; `g_idx` int32 [in]: group of each input channel.
+- Dequantized weight, as nn.Linear's [out, in]: W[o, i] = scales[g, o] * (q[i, o] - zero[g, o]),
+  g = g_idx[i].
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SUPPORTED_BITS", "pack_rows", "unpack_rows", "pack_gptq", "unpack_gptq", "dequantize_gptq"]
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _check(bits: int, n: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+    if (n * bits) % 32:
+        raise ValueError(f"{n} codes of {bits} bits do not fill whole int32 words; "
+                         f"the packed dimension must be a multiple of {32 // _gcd(bits, 32)}")
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes along dim 0 into int32 words.
+
+    Args:
+        codes: [n, m] integers in [0, 2**bits).
+    Returns:
+        [n * bits / 32, m] int32.
+    """
+    n, m = codes.shape
+    _check(bits, n)
+    c = codes.to(torch.int64)
+    if c.min() < 0 or c.max() >= 2**bits:
+        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
+    words = torch.zeros((n * bits // 32, m), dtype=torch.int64)
+    for k in range(n):
+        start = k * bits
+        word, shift = divmod(start, 32)
+        words[word] |= (c[k] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:  # straddles into the next word (3-bit only)
+            words[word + 1] |= c[k] >> (32 - shift)
+    return _to_int32(words)
+
+
+def unpack_rows(words: torch.Tensor, bits: int, n: int | None = None) -> torch.Tensor:
+    """Inverse of `pack_rows`: [n * bits / 32, m] int32 -> [n, m] int32 codes."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    n = n if n is not None else w.shape[0] * 32 // bits
+    _check(bits, n)
+    mask = (1 << bits) - 1
+    codes = torch.empty((n, w.shape[1]), dtype=torch.int64)
+    for k in range(n):
+        start = k * bits
+        word, shift = divmod(start, 32)
+        value = w[word] >> shift
+        if shift + bits > 32:
+            value = value | (w[word + 1] << (32 - shift))
+        codes[k] = value & mask
+    return codes.to(torch.int32)
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    # Reinterpret unsigned 32-bit values as int32 (two's complement), as the format stores them.
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+              bits: int) -> dict[str, torch.Tensor]:
+    """Tensors of one GPTQ linear.
+
+    Args:
+        codes: [out, in] integer codes, as nn.Linear's weight layout.
+        zeros: [groups, out] integer zero points.
+        scales: [groups, out] float scales.
+        g_idx: [in] group of each input channel.
+    Returns:
+        {"qweight": [in*bits/32, out] int32, "qzeros": [groups, out*bits/32] int32,
+         "scales": [groups, out] fp16, "g_idx": [in] int32}
+    """
+    zeros = zeros.to(torch.int64)
+    if zeros.min() < 1 or zeros.max() > 2**bits - 1:
+        # v1 stores zero - 1; a zero of 0 would wrap to 2**bits - 1 and load as 2**bits.
+        raise ValueError(f"zero points must lie in [1, {2**bits - 1}] for the gptq layout; clamp them when quantizing")
+    return {
+        "qweight": pack_rows(codes.t().contiguous(), bits),
+        "qzeros": pack_rows((zeros - 1).t().contiguous(), bits).t().contiguous(),
+        "scales": scales.to(torch.float16).contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int,
+                in_features: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [out, in] int32, zeros [groups, out] int32) from packed tensors; zeros get their +1 back."""
+    codes = unpack_rows(qweight, bits, in_features).t().contiguous()
+    zeros = unpack_rows(qzeros.t().contiguous(), bits).t().contiguous() + 1
+    return codes, zeros
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+    """The [out, in] float weight of a GPTQ linear (the reference every kernel is checked against)."""
+    codes, zeros = unpack_gptq(qweight, qzeros, bits, in_features=g_idx.numel())
+    g = g_idx.long()
+    return (codes.float() - zeros[g].t().float()) * scales[g].t().float()  # [out, in]
