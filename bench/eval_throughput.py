@@ -53,7 +53,7 @@ def main() -> None:
                                              batch_tokens=args.batch_tokens).ppl
         best["llmshrink"] = min(best["llmshrink"], time.perf_counter() - start)
     print(f"model={args.model} windows={windows} seqlen={args.seqlen} tokens={tokens} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+          f"batch_tokens={args.batch_tokens} threads={torch.get_num_threads()} torch={torch.__version__}")
     for name in ("plain", "llmshrink"):
         print(f"{name:10s} {tokens / best[name]:8.1f} tokens/s  ppl={ppl[name]:.4f}")
     print(f"ratio llmshrink/plain: {best['plain'] / best['llmshrink']:.2f}x")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -62,6 +63,9 @@ def plan_windows(n_tokens: int, seqlen: int, protocol: str, stride: int | None =
 def window_nll(model, ids: torch.Tensor, score_from: int, chunk: int = 512) -> torch.Tensor:
     """Summed NLL per row of tokens ids[:, score_from:], each predicted from all tokens before it.
 
+    Only the logits that predict scored tokens are computed (`logits_to_keep`, where the model
+    takes it), so a sliding window scoring its last `stride` tokens pays for `stride` logits.
+
     Args:
         ids: [batch, seq] token ids.
         score_from: first position scored (>= 1).
@@ -69,11 +73,16 @@ def window_nll(model, ids: torch.Tensor, score_from: int, chunk: int = 512) -> t
     Returns:
         [batch] float64 sums.
     """
-    logits = model(input_ids=ids).logits  # [batch, seq, vocab]
+    seq = ids.shape[1]
+    keep = seq - score_from + 1  # logits at positions score_from - 1 .. seq - 1 (the last is unused)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=ids, logits_to_keep=keep).logits  # [batch, keep, vocab]
+    else:
+        logits = model(input_ids=ids).logits[:, -keep:]
     total = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
-    for p in range(score_from, ids.shape[1], chunk):
-        q = min(p + chunk, ids.shape[1])
-        pred = logits[:, p - 1:q - 1].float()  # [batch, q - p, vocab]
+    for p in range(score_from, seq, chunk):
+        q = min(p + chunk, seq)
+        pred = logits[:, p - score_from:q - score_from].float()  # predicts ids[:, p:q]
         nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, p:q].reshape(-1), reduction="none")
         total += nll.view(ids.shape[0], -1).sum(1).double()
     return total
