@@ -35,6 +35,12 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+def _stream_positions(n: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit shift of each of n codes in the packed bit stream."""
+    start = torch.arange(n, dtype=torch.int64) * bits
+    return start // 32, start % 32
+
+
 def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes along dim 0 into int32 words.
 
@@ -48,13 +54,13 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.int64)
     if c.min() < 0 or c.max() >= 2**bits:
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits} bits")
+    word, shift = _stream_positions(n, bits)
     words = torch.zeros((n * bits // 32, m), dtype=torch.int64)
-    for k in range(n):
-        start = k * bits
-        word, shift = divmod(start, 32)
-        words[word] |= (c[k] << shift) & 0xFFFFFFFF
-        if shift + bits > 32:  # straddles into the next word (3-bit only)
-            words[word + 1] |= c[k] >> (32 - shift)
+    # Bit fields never overlap, so adding them is OR-ing them.
+    words.index_add_(0, word, (c << shift[:, None]) & 0xFFFFFFFF)
+    spill = shift + bits > 32  # codes straddling into the next word (3-bit only)
+    if spill.any():
+        words.index_add_(0, word[spill] + 1, c[spill] >> (32 - shift[spill])[:, None])
     return _to_int32(words)
 
 
@@ -63,16 +69,12 @@ def unpack_rows(words: torch.Tensor, bits: int, n: int | None = None) -> torch.T
     w = words.to(torch.int64) & 0xFFFFFFFF
     n = n if n is not None else w.shape[0] * 32 // bits
     _check(bits, n)
-    mask = (1 << bits) - 1
-    codes = torch.empty((n, w.shape[1]), dtype=torch.int64)
-    for k in range(n):
-        start = k * bits
-        word, shift = divmod(start, 32)
-        value = w[word] >> shift
-        if shift + bits > 32:
-            value = value | (w[word + 1] << (32 - shift))
-        codes[k] = value & mask
-    return codes.to(torch.int32)
+    word, shift = _stream_positions(n, bits)
+    value = w[word] >> shift[:, None]  # [n, m]
+    spill = shift + bits > 32
+    if spill.any():
+        value[spill] |= w[word[spill] + 1] << (32 - shift[spill])[:, None]
+    return (value & ((1 << bits) - 1)).to(torch.int32)
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:

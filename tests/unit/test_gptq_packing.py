@@ -50,3 +50,24 @@ def test_bad_inputs_are_refused():
         pack_rows(torch.zeros(32, 1, dtype=torch.int64), 5)
     with pytest.raises(ValueError, match=r"\[1, 15\]"):
         pack_gptq(torch.zeros(1, 8), torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(8), 4)
+
+
+@pytest.mark.parametrize("bits,group_size,bias", [(4, 32, True), (3, 64, False), (2, -1, True), (8, 48, False)])
+def test_quant_linear_computes_with_the_packed_weight(bits, group_size, bias):
+    from llmshrink.gptq.algorithm import rtn_quantize
+    from llmshrink.gptq.linear import QuantLinear
+
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(64, 96, generator=g)
+    b = torch.randn(64, generator=g) if bias else None
+    r = rtn_quantize(W, bits, group_size, sym=False)
+    module = QuantLinear.from_packed(pack_gptq(r.codes, r.zeros, r.scales, r.g_idx, bits), bits, group_size,
+                                     bias=b, dtype=torch.float32)
+    x = torch.randn(5, 96, generator=g)
+    want = x @ dequantize_gptq(module.qweight, module.qzeros, module.scales, module.g_idx, bits).t()
+    if bias:
+        want = want + b
+    torch.testing.assert_close(module(x), want)
+    assert set(module.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"} | ({"bias"} if bias else set())
+    # Only fp16 rounding of the scales separates the module from the quantizer's own result.
+    torch.testing.assert_close(module.dequantized_weight(), r.dequantized, rtol=2e-3, atol=2e-3)

@@ -1,0 +1,103 @@
+"""`GPTQConfig`: how to quantize, per model and per module."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from ..config import MethodConfig
+from ..errors import UsageError
+from .packing import SUPPORTED_BITS
+
+__all__ = ["GPTQConfig"]
+
+_OVERRIDABLE = ("bits", "group_size", "desc_act", "sym", "damp_percent", "static_groups")
+
+
+@dataclasses.dataclass
+class GPTQConfig(MethodConfig):
+    """GPTQ (or round-to-nearest) weight quantization into the standard GPTQ checkpoint layout.
+
+    Args:
+        bits: 2, 3, 4 or 8.
+        group_size: input channels per scale/zero group; -1 for one group per output row. Sizes
+            that do not divide in_features leave a partial last group.
+        desc_act: act-order: quantize input channels by decreasing Hessian diagonal (saved as g_idx).
+        sym: symmetric grid (zero point 2**(bits-1)); False for an asymmetric one.
+        damp_percent: added to the Hessian diagonal, as a fraction of its mean.
+        true_sequential: inside a layer, quantize attention before MLP, feeding quantized outputs on.
+        static_groups: with desc_act, fix each group's grid before any error feedback.
+        method: "gptq", or "rtn" (round to nearest on the same grid and packing: the baseline).
+        clip_search: search each group's range for the least Hessian-weighted error.
+        dynamic: per-module overrides by regex on the module name, first match wins:
+            {"re:.*mlp.down_proj": {"bits": 8}}; {"-:.*lm_head"} style keys ("-:" prefix) skip modules.
+        lm_head: also quantize the output head (off by default).
+    """
+
+    METHOD = "gptq"
+    VERSION = 1
+
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    sym: bool = True
+    damp_percent: float = 0.01
+    true_sequential: bool = True
+    static_groups: bool = False
+    method: str = "gptq"
+    clip_search: bool = True
+    dynamic: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    lm_head: bool = False
+
+    def validate(self) -> None:
+        _check_grid(self.bits, self.group_size, self.damp_percent, where="")
+        if self.method not in ("gptq", "rtn"):
+            raise UsageError(f"method='{self.method}' is not known; use 'gptq' or 'rtn'")
+        for key, overrides in self.dynamic.items():
+            pattern = _pattern(key)
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(f"dynamic key '{key}' is not a valid regex ({e}); write it as 're:<regex>'") from None
+            if key.startswith("-:"):
+                continue
+            bad = [k for k in overrides if k not in _OVERRIDABLE]
+            if bad:
+                raise UsageError(f"dynamic['{key}'] cannot override '{bad[0]}'; overridable: {', '.join(_OVERRIDABLE)}")
+            merged = {**dataclasses.asdict(self), **overrides}
+            _check_grid(merged["bits"], merged["group_size"], merged["damp_percent"], where=f" in dynamic['{key}']")
+
+    def for_module(self, name: str) -> "GPTQConfig | None":
+        """The config that applies to module `name`, or None if it is skipped."""
+        if name.endswith("lm_head") and not self.lm_head:
+            return None
+        for key, overrides in self.dynamic.items():
+            if re.fullmatch(_pattern(key), name):
+                if key.startswith("-:"):
+                    return None
+                return dataclasses.replace(self, dynamic={}, **overrides)
+        return self
+
+    def to_gptq_dynamic(self) -> dict[str, dict[str, Any]]:
+        """`dynamic` in the GPTQModel / vLLM checkpoint convention: '+:regex' overrides, '-:regex' skips."""
+        out = {}
+        for key, overrides in self.dynamic.items():
+            out[("-:" if key.startswith("-:") else "+:") + _pattern(key)] = {} if key.startswith("-:") else dict(overrides)
+        return out
+
+
+def _pattern(key: str) -> str:
+    for prefix in ("re:", "+:", "-:"):
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
+
+
+def _check_grid(bits: int, group_size: int, damp_percent: float, where: str) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise UsageError(f"bits={bits}{where} is not supported; use one of {', '.join(map(str, SUPPORTED_BITS))}")
+    if not isinstance(group_size, int) or group_size == 0 or group_size < -1:
+        raise UsageError(f"group_size={group_size}{where} is invalid; use -1 (one group per row) or a positive size such as 128")
+    if not 0 < damp_percent < 1:
+        raise UsageError(f"damp_percent={damp_percent}{where} must be between 0 and 1 (0.01 is usual)")
