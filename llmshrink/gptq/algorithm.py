@@ -69,7 +69,7 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool, shrink: float | torch.Ten
         xmin = -xmax
     flat = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
+    scale = ((xmax - xmin) / maxq).to(torch.float16).float()  # the checkpoint stores fp16 scales
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:

@@ -1,0 +1,80 @@
+"""Load a GPTQ checkpoint (ours or any tool's `checkpoint_format: gptq`) into QuantLinear modules."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from ..errors import UsageError
+from ..safetensors_io import TensorIndex
+from .linear import QuantLinear
+
+__all__ = ["load_quantized", "is_gptq_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_gptq_checkpoint(config) -> bool:
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
+    return qc.get("quant_method") == "gptq"
+
+
+def _group_size_for(name: str, qc: dict) -> int:
+    for key, overrides in (qc.get("dynamic") or {}).items():
+        pattern = key[2:] if key.startswith(("+:", "-:")) else key
+        if re.fullmatch(pattern, name) and not key.startswith("-:"):
+            return overrides.get("group_size", qc["group_size"])
+    return qc["group_size"]
+
+
+def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A causal LM whose GPTQ-quantized linears are QuantLinear modules, in eval mode.
+
+    Which linears are quantized is read from the checkpoint itself (every `*.qweight`), their
+    bits from the packed shapes, their group size from the config (and its `dynamic` overrides).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    if not is_gptq_checkpoint(config):
+        raise UsageError(f"{folder} is not a GPTQ checkpoint (no quantization_config with quant_method 'gptq')")
+    qc = config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict()
+    if qc.get("checkpoint_format", "gptq") != "gptq":
+        raise UsageError(f"{folder} uses checkpoint_format '{qc['checkpoint_format']}'; only 'gptq' is read")
+    del config.quantization_config
+    index = TensorIndex(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for key in [k for k in index.keys() if k.endswith(".qweight")]:
+        name = key[: -len(".qweight")]
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise UsageError(f"{folder}: {name} is quantized in the checkpoint but is not a linear in the model")
+        bits = index.get(key).shape[0] * 32 // linear.in_features
+        quant = QuantLinear(linear.in_features, linear.out_features, bits, _group_size_for(name, qc),
+                            bias=f"{name}.bias" in index, dtype=dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, quant)
+    state = {}
+    for key in index.keys():
+        t = index.get(key)
+        state[key] = t.to(dtype) if t.is_floating_point() and not key.endswith(".scales") else t
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing:
+        raise UsageError(f"{folder} lacks {len(missing)} tensors the model needs (first: {missing[0]}); "
+                         "the checkpoint is incomplete")
+    for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) built on meta
+        if buf.device.type == "meta":
+            raise UsageError(f"{name} could not be materialised")
+    return model.eval()
