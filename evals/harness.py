@@ -126,7 +126,11 @@ def model_stats(model, resolved: str) -> dict:
 
         folder = Path(snapshot_download(resolved, local_files_only=True))
     size = folder_size(folder, suffixes=(".safetensors", ".bin"))
-    params = model.num_parameters()
+    from ..gptq.linear import QuantLinear
+
+    # Quantized linears hold buffers, not parameters: count the weights they stand for.
+    params = model.num_parameters() + sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+                                          for m in model.modules() if isinstance(m, QuantLinear))
     return {"size_mb": size / 2**20, "params_m": params / 1e6, "bits_per_param": 8 * size / params}
 
 

@@ -1,8 +1,12 @@
 """llmshrink: make Hugging Face language models smaller and cheaper while keeping them good."""
 
+from .auto import AutoModelForCausalLM
 from .errors import UsageError
+from .gptq.config import GPTQConfig
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from .quantize import quantize
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_MODEL", "UsageError", "load_model", "load_tokenizer", "resolve_model", "__version__"]
+__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "GPTQConfig", "UsageError", "load_model", "load_tokenizer",
+           "quantize", "resolve_model", "__version__"]

@@ -60,6 +60,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import time
+
+    from .gptq.config import GPTQConfig
+    from .quantize import quantize
+
+    config = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
+                        damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,
+                        static_groups=args.static_groups, method=args.method, clip_search=not args.no_clip_search)
+    started = time.perf_counter()
+    out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
+                   seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
+    print(f"{config.method} {config.bits}-bit g{config.group_size} checkpoint written to {out} "
+          f"in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .models import resolve_model
 
@@ -94,6 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write results JSON here")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("quantize", help="GPTQ (or RTN) weight quantization into a standard GPTQ checkpoint",
+                       description="Quantize a model layer by layer and save a GPTQ checkpoint.")
+    p.add_argument("--model", default=None, help=f"packaged name, local folder or Hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="input channels per group, -1 for none (default 128)")
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
+    p.add_argument("--desc-act", action="store_true", help="act-order (stored as g_idx)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
+    p.add_argument("--static-groups", action="store_true")
+    p.add_argument("--no-true-sequential", action="store_true")
+    p.add_argument("--no-clip-search", action="store_true", help="plain min/max ranges (textbook GPTQ)")
+    p.add_argument("--damp-percent", type=float, default=0.01)
+    p.add_argument("--calib-file", help="local .txt/.jsonl calibration text (default: the wiki calibration half)")
+    p.add_argument("--nsamples", type=_positive_int, default=128)
+    p.add_argument("--calib-seqlen", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("prepare", help="convert a packaged model into the cache and print its folder",
                        description="Resolve a model name (converting the packaged GGUF once) and print its folder.")

@@ -179,7 +179,9 @@ def load_model(name: str | None = None, dtype: str = "float32", device: str = "c
     Returns:
         (model, tokenizer, resolved) where resolved is the folder or Hub id that was loaded.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from .auto import AutoModelForCausalLM  # plain and GPTQ checkpoints alike
 
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16")

@@ -124,7 +124,8 @@ def _step_hessian(layer, module, inputs) -> torch.Tensor:
 def _quantize_linear(module, H, config: GPTQConfig):
     grid = DEFAULT_SHRINK_GRID if config.clip_search else (1.0,)
     if config.method == "rtn":
-        return rtn_quantize(module.weight.data, config.bits, config.group_size, config.sym, grid, torch.diag(H))
+        return rtn_quantize(module.weight.data, config.bits, config.group_size, config.sym, grid,
+                            None if H is None else torch.diag(H))
     return gptq_quantize(module.weight.data, H, config.bits, config.group_size, sym=config.sym,
                          desc_act=config.desc_act, static_groups=config.static_groups,
                          damp_percent=config.damp_percent, shrink_grid=grid)
@@ -137,15 +138,19 @@ def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig) -> tup
     step's Hessian is taken after the steps before it were quantized; otherwise all come from the
     unquantized layer. Returns (tensors to save under `prefix`, per-module stats)."""
     steps = layer_linears(layer, spec)
-    hessians = {} if config.true_sequential else {i: _step_hessian(layer, step[0][1], inputs)
-                                                   for i, step in enumerate(steps)}
+    needs_h = not (config.method == "rtn" and not config.clip_search)
+    hessians = {} if config.true_sequential or not needs_h else {i: _step_hessian(layer, step[0][1], inputs)
+                                                                  for i, step in enumerate(steps)}
     tensors, stats = {}, {}
     for i, step in enumerate(steps):
         todo = [(name, mod, config.for_module(prefix + name)) for name, mod in step]
         todo = [t for t in todo if t[2] is not None]
         if not todo:
             continue
-        H = hessians[i] if i in hessians else _step_hessian(layer, step[0][1], inputs)
+        if not needs_h:
+            H = None  # plain round-to-nearest needs no activations
+        else:
+            H = hessians[i] if i in hessians else _step_hessian(layer, step[0][1], inputs)
         for name, mod, mconf in todo:
             if mod.in_features * mconf.bits % 32 or mod.out_features * mconf.bits % 32:
                 raise UsageError(f"{prefix}{name} ({mod.in_features}x{mod.out_features}) cannot be packed at "

@@ -111,3 +111,19 @@ def test_bad_inputs_are_refused_before_work(tmp_path):
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UsageError, match="truncated or corrupt"):
         load_quantized(out)
+
+
+def test_quantize_api_and_auto_loader(tmp_path):
+    import llmshrink
+
+    model = _save_tiny(tmp_path / "src")
+    out = llmshrink.quantize(model, llmshrink.GPTQConfig(method="rtn", clip_search=False, group_size=16),
+                             tmp_path / "rtn", calibration=_calib(), progress=False)
+    loaded = llmshrink.AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, QuantLinear)
+    info = json.loads((out / "config.json").read_text())["quantization_config"]["llmshrink"]
+    assert info["config"]["method"] == "rtn" and info["calibration"]["source"] == "tensor"
+    plain = llmshrink.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    assert isinstance(plain.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    with pytest.raises(UsageError, match="never runs a model's remote code"):
+        llmshrink.AutoModelForCausalLM.from_pretrained(tmp_path / "src", trust_remote_code=True)

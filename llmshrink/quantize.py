@@ -1,0 +1,60 @@
+"""`llmshrink.quantize`: one call from a model and a config to a saved GPTQ checkpoint."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .calibration import calibration_windows
+from .config import register_method
+from .errors import UsageError
+from .gptq.apply import quantize_checkpoint
+from .gptq.config import GPTQConfig
+from .models import load_tokenizer, resolve_model
+
+__all__ = ["quantize"]
+
+
+@register_method(GPTQConfig)
+def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str | torch.Tensor | None = None,
+             nsamples: int = 128, seqlen: int = 512, seed: int = 0, overwrite: bool = False,
+             progress: bool = True) -> Path:
+    """Quantize `model` with `config` and save a standard GPTQ checkpoint at `out`.
+
+    Args:
+        model: packaged name, folder or Hub id (quantized one layer at a time from its safetensors),
+            or a loaded transformers model (saved to a temp folder first).
+        config: a GPTQConfig (method "gptq" or "rtn").
+        out: checkpoint folder to write.
+        calibration: None for the packaged wiki text's calibration half, a path to a local
+            .txt/.jsonl file, or [nsamples, seqlen] token ids.
+        nsamples, seqlen, seed: calibration windows drawn from the text.
+        overwrite: replace an existing non-empty `out`.
+    Returns:
+        The checkpoint folder.
+    """
+    if not isinstance(config, GPTQConfig):
+        raise UsageError(f"quantize takes a GPTQConfig, not {type(config).__name__}")
+    with tempfile.TemporaryDirectory(prefix="llmshrink-src-") as tmp:
+        if isinstance(model, torch.nn.Module):
+            model.save_pretrained(tmp)
+            source, tokenizer_source = Path(tmp), getattr(model, "name_or_path", None)
+        else:
+            source = Path(resolve_model(model))
+            tokenizer_source = str(source)
+            if not source.is_dir():
+                from huggingface_hub import snapshot_download
+
+                source = Path(snapshot_download(str(model), local_files_only=True))
+        if isinstance(calibration, torch.Tensor):
+            calib, info = calibration.long(), {"source": "tensor", "shape": list(calibration.shape)}
+        else:
+            tokenizer = load_tokenizer(tokenizer_source)
+            text_source = calibration or "wiki"
+            calib = calibration_windows(tokenizer, text_source, nsamples, seqlen, seed)
+            info = {"source": "wiki (calibration half)" if text_source == "wiki" else os.path.basename(text_source),
+                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        return quantize_checkpoint(source, config, calib, out, calib_info=info, overwrite=overwrite, progress=progress)
