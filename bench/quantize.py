@@ -1,0 +1,138 @@
+"""RTN, llmshrink GPTQ and GPTQModel side by side on the packaged model, in one run.
+
+Every method quantizes the same model with the same calibration windows (the wiki corpus's
+calibration half, seed 0) in its own child process, timed, with its peak RSS sampled; every
+checkpoint is then loaded by llmshrink's GPTQ loader (GPTQModel's too: that is the interop check)
+and scored on the same held-out `wiki` windows (the corpus's first passages), next to the
+unquantized model.
+
+    python bench/quantize.py --bits 4,3 --nsamples 128 --seqlen 512 --eval-windows 40 \
+        --gptqmodel-python /path/to/venv-with-gptqmodel/bin/python
+
+GPTQModel is a peer, never a dependency: install it in a separate venv
+(`pip install -c constraints.txt "gptqmodel[hf]==7.6.0"`) and pass its python, or leave it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from llmshrink import AutoModelForCausalLM, load_tokenizer, resolve_model
+from llmshrink.calibration import calibration_windows
+from llmshrink.evals import load_corpus, perplexity_of_ids
+from llmshrink.evals.data import corpus_documents
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run `cmd`; return (seconds, peak RSS in MB of it and its children, output tail)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    peak = [0]
+
+    def sample():
+        p = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                peak[0] = max(peak[0], rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    output = proc.communicate()[0]
+    thread.join()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{output[-3000:]}")
+    return time.perf_counter() - start, peak[0] / 2**20, output[-500:]
+
+
+def ppl_of(folder: str, ids: torch.Tensor, seqlen: int) -> float:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.inference_mode():
+        return perplexity_of_ids(model, ids, seqlen=seqlen, protocol="gptq").ppl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--bits", default="4,3")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--gptqmodel-python", help="python of a venv with gptqmodel 7.6.0 installed")
+    parser.add_argument("--work", default=None, help="folder for the checkpoints (default: a temp folder)")
+    args = parser.parse_args()
+
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    work = Path(args.work or tempfile.mkdtemp(prefix="llmshrink-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    calib = calibration_windows(tokenizer, "wiki", args.nsamples, args.seqlen, seed=0)
+    calib_file = work / "calib.json"
+    calib_file.write_text(json.dumps(calib.tolist()))
+    # Held-out text: the first wiki passages (calibration draws from the second half only).
+    eval_docs = 400
+    assert eval_docs <= len(corpus_documents("wiki")) // 2
+    ids = torch.tensor(tokenizer(load_corpus("wiki", eval_docs)).input_ids)[: args.eval_windows * args.seqlen]
+    assert len(ids) == args.eval_windows * args.seqlen, "not enough held-out text for --eval-windows"
+    base = ppl_of(source, ids, args.seqlen)
+    print(f"model={args.model} nsamples={args.nsamples}x{args.seqlen} eval={args.eval_windows}x{args.seqlen} "
+          f"torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
+    print(f"unquantized ppl {base:.3f}", flush=True)
+
+    rows = []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for bits in [int(b) for b in args.bits.split(",")]:
+        runs = {
+            "RTN (llmshrink)": [sys.executable, "-m", "llmshrink", "quantize", "--method", "rtn", "--no-clip-search"],
+            "GPTQ (llmshrink)": [sys.executable, "-m", "llmshrink", "quantize"],
+        }
+        for name, cmd in runs.items():
+            out = work / f"{name.split()[0].lower()}-{bits}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = cmd + ["--model", args.model, "--bits", str(bits), "--group-size", str(args.group_size),
+                         "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.seqlen), "--out", str(out)]
+            seconds, rss, _ = run_measured(cmd, env)
+            rows.append((bits, name, ppl_of(str(out), ids, args.seqlen), seconds, rss))
+            print(rows[-1], flush=True)
+        if args.gptqmodel_python:
+            out = work / f"gptqmodel-{bits}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [args.gptqmodel_python, str(HERE / "_gptqmodel_child.py"), source, str(out), str(bits),
+                   str(args.group_size), str(calib_file)]
+            seconds, rss, _ = run_measured(cmd, {**env, "GPTQMODEL_CPU_WORKERS": "2"})
+            rows.append((bits, "GPTQModel 7.6.0 (defaults)", ppl_of(str(out), ids, args.seqlen), seconds, rss))
+            print(rows[-1], flush=True)
+
+    print("\n| bits | method | wiki ppl | gap to unquantized | quantize time (s) | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| 16/32 | unquantized | {base:.3f} | - | - | - |")
+    for bits, name, ppl, seconds, rss in rows:
+        print(f"| {bits} | {name} | {ppl:.3f} | {ppl - base:+.3f} | {seconds:.0f} | {rss:.0f} |")
+    for bits in sorted({r[0] for r in rows}):
+        ours = next((r for r in rows if r[0] == bits and r[1].startswith("GPTQ (")), None)
+        peer = next((r for r in rows if r[0] == bits and r[1].startswith("GPTQModel")), None)
+        if ours and peer:
+            print(f"{bits}-bit: gap ratio llmshrink/GPTQModel {(ours[2] - base) / (peer[2] - base):.2f}x, "
+                  f"time ratio {ours[3] / peer[3]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
