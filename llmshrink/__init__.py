@@ -4,9 +4,14 @@ from .auto import AutoModelForCausalLM
 from .errors import UsageError
 from .gptq.config import GPTQConfig
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from .gptq.hf import register_with_transformers as _register_with_transformers
 from .quantize import quantize
 
 __version__ = "0.1.0"
+
+# Plain transformers.AutoModelForCausalLM loads GPTQ checkpoints through llmshrink from here on
+# (unless transformers' own GPTQ path can run; see llmshrink/gptq/hf.py).
+_register_with_transformers()
 
 __all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "GPTQConfig", "UsageError", "load_model", "load_tokenizer",
            "quantize", "resolve_model", "__version__"]

@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["ArchSpec", "ARCHITECTURES", "arch_for", "decoder_layers", "layer_linears"]
+__all__ = ["ArchSpec", "ARCHITECTURES", "arch_for", "checkpoint_names", "decoder_layers", "layer_linears"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,26 @@ def layer_linears(layer: nn.Module, spec: ArchSpec) -> list[list[tuple[str, nn.L
             found.append((name, module))
         steps.append(found)
     return steps
+
+
+def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Checkpoint key -> the model's own name, through transformers' renamings for the model
+    (GPT-NeoX saves `lm_head` as `embed_out`, for one). Keys are returned unchanged when
+    transformers has no mapping API; a model whose weights transformers must convert on load
+    (fused or split tensors) is refused, since the walker loads tensors one by one."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return {k: k for k in keys}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters)
+        if converted is not None:
+            raise UsageError(f"{key} is converted by transformers on load ({converted}); llmshrink cannot quantize "
+                             f"model type '{model.config.model_type}' layer by layer yet")
+        names[key] = name
+    return names

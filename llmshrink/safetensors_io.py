@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -12,24 +15,25 @@ from safetensors.torch import save_file
 
 from .errors import UsageError
 
-__all__ = ["TensorIndex", "save_shards", "save_tensors"]
+__all__ = ["StoredTensor", "TensorIndex", "save_shards", "save_tensors"]
 
 
 class TensorIndex:
     """Every tensor of a model folder (single file or sharded with an index), loaded on demand."""
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, files: list[str] | None = None):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
+        weight_map = None
+        if files is not None:
+            pass
+        elif index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.folder / "model.safetensors").is_file():
-            weight_map = None
-        else:
+        elif not (self.folder / "model.safetensors").is_file():
             raise UsageError(f"{self.folder} has no model.safetensors; llmshrink reads safetensors only "
                              "(re-save the model with save_pretrained(safe_serialization=True))")
         self._handles = {}
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        files = files or (sorted(set(weight_map.values())) if weight_map else ["model.safetensors"])
         self.file_of: dict[str, str] = {}
         for name in files:
             handle = self._open(name)
@@ -51,6 +55,18 @@ class TensorIndex:
     def keys(self) -> list[str]:
         return list(self.file_of)
 
+    @classmethod
+    def of_file(cls, path: str | os.PathLike) -> "TensorIndex":
+        """The tensors of one safetensors file."""
+        return cls(Path(path).parent, files=[Path(path).name])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self.file_of[key]).get_slice(key).get_shape())
+
+    def dtype_name(self, key: str) -> str:
+        """The safetensors dtype string ("F16", "I32", ...) of `key`, without reading the tensor."""
+        return self._open(self.file_of[key]).get_slice(key).get_dtype()
+
     def get(self, key: str) -> torch.Tensor:
         try:
             return self._open(self.file_of[key]).get_tensor(key)
@@ -66,26 +82,71 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
-def save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 2 * 2**30) -> None:
-    """Write `model.safetensors`, or `model-0000k-of-0000n.safetensors` + index when over one shard."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+class StoredTensor(NamedTuple):
+    """A tensor left in a safetensors file until it is written elsewhere (see `save_shards`)."""
+
+    index: "TensorIndex"
+    key: str
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def _info(t: torch.Tensor | StoredTensor) -> tuple[str, list[int], int]:
+    """(safetensors dtype, shape, bytes) without loading a StoredTensor."""
+    if isinstance(t, StoredTensor):
+        dtype, shape = t.index.dtype_name(t.key), list(t.index.shape(t.key))
+        size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
+        return dtype, shape, size * math.prod(shape)
+    return _DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size()
+
+
+def _write_streaming(entries: dict[str, torch.Tensor | StoredTensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time (safetensors' own writer needs every tensor in
+    memory at once). The layout is the published one: an 8-byte little-endian header length, a
+    JSON header padded with spaces to 8 bytes, then each tensor's bytes in header order."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key in sorted(entries):
+        dtype, shape, size = _info(entries[key])
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for key in sorted(entries):
+            t = entries[key]
+            t = t.index.get(t.key) if isinstance(t, StoredTensor) else t
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
+
+
+def save_shards(tensors: dict[str, torch.Tensor | StoredTensor], folder: Path, max_shard_bytes: int = 2 * 2**30) -> None:
+    """Write `model.safetensors`, or `model-0000k-of-0000n.safetensors` + index when over one shard.
+
+    Values may be StoredTensor references, read one at a time while writing, so saving needs
+    memory for one tensor, not the model."""
+    shards: list[dict] = [{}]
+    sizes = {key: _info(t)[2] for key, t in tensors.items()}
     size = 0
     for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + sizes[key] > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][key] = tensors[key]
-        size += nbytes
+        size += sizes[key]
     if len(shards) == 1:
-        save_tensors(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+        _write_streaming(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
         return
-    weight_map, total = {}, 0
+    weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_tensors(shard, folder / name, metadata={"format": "pt"})
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
+        _write_streaming(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update({key: name for key in shard})
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        json.dumps({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2) + "\n")

@@ -21,10 +21,10 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..arch import arch_for, decoder_layers, layer_linears
+from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
 from ..errors import UsageError
 from ..io import atomic_dir
-from ..safetensors_io import TensorIndex, save_shards, save_tensors
+from ..safetensors_io import StoredTensor, TensorIndex, save_shards, save_tensors
 from .algorithm import DEFAULT_SHRINK_GRID, accumulate_hessian, gptq_quantize, rtn_quantize
 from .config import GPTQConfig
 from .packing import pack_gptq
@@ -41,18 +41,30 @@ class _Stop(Exception):
     """Raised from a hook once the inputs it needed are captured."""
 
 
-def _load_into(module: torch.nn.Module, prefix: str, index: TensorIndex, skip: str | None = None) -> None:
-    """Load the tensors of `module` (named `prefix` + name in the checkpoint), except names under `skip`."""
+def _load_into(module: torch.nn.Module, prefix: str, index: TensorIndex, key_of: dict[str, str],
+               skip: str | None = None) -> None:
+    """Load the tensors of `module` (model names `prefix` + name; `key_of` maps model names to
+    checkpoint keys), except names under `skip`."""
     for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
         if skip and name.startswith(skip):
             continue
-        key = f"{prefix}{name}"
-        if key not in index:
+        key = key_of.get(f"{prefix}{name}")
+        if key is None:
             continue  # tied or non-persistent; handled by the caller
         tensor = index.get(key)
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise UsageError(f"{key} holds NaN or Inf values; the model cannot be quantized until they are fixed")
         set_module_tensor_to_device(module, name, "cpu", value=tensor.float() if tensor.is_floating_point() else tensor)
+
+
+def _checkpoint_key(name: str, key_of: dict[str, str]) -> str:
+    """The source checkpoint's spelling of model tensor `name` (new tensors such as `x.qweight`
+    follow their module's `x.weight`), so the output keeps the source's key names."""
+    if name in key_of:
+        return key_of[name]
+    module, _, suffix = name.rpartition(".")
+    weight_key = key_of.get(f"{module}.weight")
+    return weight_key[: -len("weight")] + suffix if weight_key else name
 
 
 def _empty_model(folder: Path):
@@ -177,7 +189,7 @@ def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> d
         "checkpoint_format": "gptq",
         "bits": config.bits,
         "group_size": config.group_size,
-        "desc_act": config.desc_act,
+        "desc_act": config.desc_act and config.method == "gptq",  # RTN has no column order
         "sym": config.sym,
         "damp_percent": config.damp_percent,
         "true_sequential": config.true_sequential,
@@ -191,7 +203,8 @@ def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> d
 
 
 def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: torch.Tensor, out: str | os.PathLike,
-                        calib_info: dict | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                        calib_info: dict | None = None, overwrite: bool = False, progress: bool = True,
+                        max_shard_bytes: int = 2 * 2**30) -> Path:
     """Quantize the model saved in folder `source` into a GPTQ checkpoint at `out`.
 
     Args:
@@ -201,6 +214,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         out: the checkpoint folder to write (renamed into place when complete).
         calib_info: how `calib` was made, recorded in the checkpoint.
         overwrite: replace an existing non-empty `out`.
+        max_shard_bytes: larger checkpoints are split into shards with an index.
     Returns:
         The checkpoint folder.
     """
@@ -215,7 +229,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     spec = arch_for(model)
     layers = decoder_layers(model, spec)
     layer_prefix = spec.layers + "."
-    _load_into(model, "", index, skip=layer_prefix)  # embeddings, final norm, head: kept throughout
+    key_of = {name: key for key, name in checkpoint_names(model, index.keys()).items()}
+    _load_into(model, "", index, key_of, skip=layer_prefix)  # embeddings, final norm, head: kept throughout
     for name, p in model.named_parameters():
         if not name.startswith(layer_prefix) and p.device.type != "meta":
             p.data = p.data.to(torch.float16).float()  # as saved, so calibration sees the stored values
@@ -251,7 +266,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     for i in range(done, len(layers)):
         layer = layers[i]
         prefix = f"{layer_prefix}{i}."
-        _load_into(layer, prefix, index)
+        _load_into(layer, prefix, index, key_of)
         tensors, stats = _quantize_layer(layer, prefix, spec, inputs, config)
         outputs = _run_layer(layer, inputs)
         inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
@@ -267,16 +282,18 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
 
     tensors: dict[str, torch.Tensor] = {}
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(layer_prefix) and name in index:
+        if not name.startswith(layer_prefix) and name in key_of:
             tensors[name] = p.data.to(torch.float16) if p.is_floating_point() else p.data
-    for i in range(len(layers)):
-        tensors.update(load_file(str(partial / f"layer-{i:05d}.safetensors")))
+    for i in range(len(layers)):  # left on disk until written: saving holds one tensor at a time
+        layer_file = TensorIndex.of_file(partial / f"layer-{i:05d}.safetensors")
+        tensors.update({key: StoredTensor(layer_file, key) for key in layer_file.keys()})
         all_stats.update(json.loads((partial / f"layer-{i:05d}.json").read_text()))
+    tensors = {_checkpoint_key(name, key_of): t for name, t in tensors.items()}
     qc = _quantization_config(config, calib_info, all_stats)
     model.config.quantization_config = qc
     model.config.dtype = torch.float16
     with atomic_dir(out) as tmp:
-        save_shards(tensors, tmp)
+        save_shards(tensors, tmp, max_shard_bytes)
         model.config.save_pretrained(tmp)
         (tmp / "quantize_config.json").write_text(json.dumps({k: v for k, v in qc.items()}, indent=2) + "\n")
         if model.generation_config is not None:

@@ -11,11 +11,12 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
+from ..arch import checkpoint_names
 from ..errors import UsageError
 from ..safetensors_io import TensorIndex
 from .linear import QuantLinear
 
-__all__ = ["load_quantized", "is_gptq_checkpoint"]
+__all__ = ["load_quantized", "is_gptq_checkpoint", "replace_linears"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,35 @@ def _group_size_for(name: str, qc: dict) -> int:
         if re.fullmatch(pattern, name) and not key.startswith("-:"):
             return overrides.get("group_size", qc["group_size"])
     return qc["group_size"]
+
+
+def replace_linears(model: nn.Module, shapes: dict[str, tuple[int, ...]], qc: dict, dtype: torch.dtype) -> list[str]:
+    """Swap in a QuantLinear for every nn.Linear that the checkpoint holds quantized.
+
+    Args:
+        model: the model skeleton (meta or real weights).
+        shapes: checkpoint key -> tensor shape; every `<name>.qweight` marks a quantized linear.
+        qc: the checkpoint's quantization_config (for group sizes and `dynamic` overrides).
+    Returns:
+        The names of the replaced modules.
+    """
+    names = []
+    for key in [k for k in shapes if k.endswith(".qweight")]:
+        name = key[: -len(".qweight")]
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"the checkpoint quantizes {name}, which this model does not have; "
+                             "the checkpoint does not match its config") from None
+        if not isinstance(linear, nn.Linear):
+            raise UsageError(f"{name} is quantized in the checkpoint but is not a linear in the model")
+        bits = shapes[key][0] * 32 // linear.in_features
+        quant = QuantLinear(linear.in_features, linear.out_features, bits, _group_size_for(name, qc),
+                            bias=f"{name}.bias" in shapes, dtype=dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, quant)
+        names.append(name)
+    return names
 
 
 def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -53,20 +83,12 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     index = TensorIndex(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for key in [k for k in index.keys() if k.endswith(".qweight")]:
-        name = key[: -len(".qweight")]
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise UsageError(f"{folder}: {name} is quantized in the checkpoint but is not a linear in the model")
-        bits = index.get(key).shape[0] * 32 // linear.in_features
-        quant = QuantLinear(linear.in_features, linear.out_features, bits, _group_size_for(name, qc),
-                            bias=f"{name}.bias" in index, dtype=dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, quant)
+    names = checkpoint_names(model, index.keys())
+    replace_linears(model, {names[k]: index.shape(k) for k in index.keys()}, qc, dtype)
     state = {}
     for key in index.keys():
         t = index.get(key)
-        state[key] = t.to(dtype) if t.is_floating_point() and not key.endswith(".scales") else t
+        state[names[key]] = t.to(dtype) if t.is_floating_point() and not key.endswith(".scales") else t
     result = model.load_state_dict(state, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

@@ -14,6 +14,7 @@ from llmshrink.gptq.config import GPTQConfig
 from llmshrink.gptq.linear import QuantLinear
 from llmshrink.gptq.load import load_quantized
 from llmshrink.gptq.packing import dequantize_gptq
+from llmshrink.safetensors_io import TensorIndex
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=96)
 
@@ -35,7 +36,7 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "opt"])  # gpt_neox: checkpoint keys are renamed on load (embed_out), not handled yet
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt_neox"])
 def test_loaded_checkpoint_computes_with_the_packed_weights(tmp_path, model_type):
     original = _save_tiny(tmp_path / "src", model_type)
     out = quantize_checkpoint(tmp_path / "src", GPTQConfig(bits=4, group_size=16), _calib(), tmp_path / "q",
@@ -43,6 +44,8 @@ def test_loaded_checkpoint_computes_with_the_packed_weights(tmp_path, model_type
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["checkpoint_format"] == "gptq" and config["bits"] == 4
     assert json.loads((out / "quantize_config.json").read_text())["group_size"] == 16
+    if model_type == "gpt_neox":  # the source's key names are kept; transformers renames embed_out on load
+        assert "embed_out.weight" in TensorIndex(out) and "lm_head.weight" not in TensorIndex(out)
     loaded = load_quantized(out)
     quantized = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
     assert len(quantized) == {"llama": 21, "opt": 18, "gpt_neox": 12}[model_type]  # every layer linear
@@ -127,3 +130,38 @@ def test_quantize_api_and_auto_loader(tmp_path):
     assert isinstance(plain.model.layers[0].mlp.down_proj, torch.nn.Linear)
     with pytest.raises(UsageError, match="never runs a model's remote code"):
         llmshrink.AutoModelForCausalLM.from_pretrained(tmp_path / "src", trust_remote_code=True)
+
+
+def test_plain_transformers_loads_our_checkpoint_after_import_llmshrink(tmp_path):
+    import transformers
+
+    import llmshrink  # noqa: F401  (registers the quantizer)
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+    from transformers.utils import is_gptqmodel_available, is_optimum_available
+
+    if is_optimum_available() and is_gptqmodel_available():
+        pytest.skip("transformers' own GPTQ path can run here, so llmshrink leaves it in place")
+    assert AUTO_QUANTIZER_MAPPING["gptq"].__module__ == "llmshrink.gptq.hf"
+    _save_tiny(tmp_path / "src")
+    config = GPTQConfig(bits=2, group_size=16, desc_act=True, static_groups=False)  # a non-monotone g_idx
+    out = quantize_checkpoint(tmp_path / "src", config, _calib(), tmp_path / "q", progress=False, max_shard_bytes=8192)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1  # sharded, with an index
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 21
+    assert model.model.layers[2].mlp.down_proj.bits == 2
+    reference = load_quantized(out)
+    x = _calib(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=0)
+        assert model.generate(x[:1, :5], max_new_tokens=4, do_sample=False).shape == (1, 9)
+
+
+def test_too_short_or_empty_calibration_is_refused(tmp_path, tiny):
+    from llmshrink.calibration import calibration_windows
+
+    _, tokenizer = tiny
+    (tmp_path / "short.txt").write_text("Only a few words here.")
+    with pytest.raises(UsageError, match="too few for windows of 512"):
+        calibration_windows(tokenizer, str(tmp_path / "short.txt"), nsamples=4, seqlen=512)
+    with pytest.raises(UsageError, match="nsamples >= 1"):
+        calibration_windows(tokenizer, str(tmp_path / "short.txt"), nsamples=0, seqlen=8)
