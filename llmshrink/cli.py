@@ -119,9 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     p.add_argument("--group-size", type=int, default=128, help="input channels per group, -1 for none (default 128)")
     p.add_argument("--method", choices=("gptq", "rtn"), default="gptq")
-    p.add_argument("--desc-act", action="store_true", help="act-order (stored as g_idx)")
+    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=True,
+                   help="act-order: quantize columns by decreasing activation energy (default on)")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=True,
+                   help="with act-order, keep groups contiguous in the original order, so g_idx stays "
+                        "monotone and fast kernels need no reordering (default on)")
     p.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
-    p.add_argument("--static-groups", action="store_true")
     p.add_argument("--no-true-sequential", action="store_true")
     p.add_argument("--no-clip-search", action="store_true", help="plain min/max ranges (textbook GPTQ)")
     p.add_argument("--damp-percent", type=float, default=0.01)
