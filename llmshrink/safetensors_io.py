@@ -55,6 +55,12 @@ class TensorIndex:
     def keys(self) -> list[str]:
         return list(self.file_of)
 
+    def release(self) -> None:
+        """Unmap the files (reopened on the next read). Pages read through the memory map count
+        in the process's RSS until then, so a walker that reads one layer at a time calls this
+        after each layer to keep its footprint to one layer."""
+        self._handles.clear()
+
     @classmethod
     def of_file(cls, path: str | os.PathLike) -> "TensorIndex":
         """The tensors of one safetensors file."""

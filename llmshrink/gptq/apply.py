@@ -267,6 +267,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         layer = layers[i]
         prefix = f"{layer_prefix}{i}."
         _load_into(layer, prefix, index, key_of)
+        index.release()
         tensors, stats = _quantize_layer(layer, prefix, spec, inputs, config)
         outputs = _run_layer(layer, inputs)
         inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
