@@ -31,6 +31,7 @@ class QuantResult:
     g_idx: torch.Tensor  # [in] int32
     dequantized: torch.Tensor  # [out, in] float32, what the packed tensors decode to
     loss: float  # sum over columns of (w - q)^2 / Hinv_jj (GPTQ's objective); 0 for RTN
+    row_loss: torch.Tensor  # [out] the same per output row (sums to `loss`)
 
 
 def accumulate_hessian(H: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -132,7 +133,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bo
         zeros.append(zero)
     g_idx = torch.arange(in_f, dtype=torch.int32) // gs
     return QuantResult(codes.to(torch.int32), torch.stack(scales), torch.stack(zeros).to(torch.int32),
-                       g_idx, deq, 0.0)
+                       g_idx, deq, 0.0, torch.zeros(out_f))
 
 
 def gptq_quantize(
@@ -189,7 +190,7 @@ def gptq_quantize(
     scales = torch.zeros((n_groups, out_f))
     zeros = torch.zeros((n_groups, out_f))
     col_group = torch.zeros(in_f, dtype=torch.long)  # group of each permuted column
-    loss = 0.0
+    row_loss = torch.zeros(out_f)
     scale = zero = None
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -212,7 +213,7 @@ def gptq_quantize(
             d = Hinv1[i, i]
             c, q = quantize_dequantize(w, scale, zero, bits)
             codes[:, col], deq[:, col] = c, q
-            loss += (((w - q) ** 2) / d**2).sum().item() / 2
+            row_loss += (w - q) ** 2 / d**2 / 2
             err = (w - q) / d
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
@@ -220,4 +221,5 @@ def gptq_quantize(
 
     inv = torch.argsort(perm)
     g_idx = col_group[inv].to(torch.int32)  # [in]: group of each original input channel
-    return QuantResult(codes[:, inv].to(torch.int32), scales, zeros.to(torch.int32), g_idx, deq[:, inv], loss)
+    return QuantResult(codes[:, inv].to(torch.int32), scales, zeros.to(torch.int32), g_idx, deq[:, inv],
+                       float(row_loss.sum()), row_loss)

@@ -133,14 +133,18 @@ def _step_hessian(layer, module, inputs) -> torch.Tensor:
     return state["H"]
 
 
-def _quantize_linear(module, H, config: GPTQConfig):
+def _quantize_weight(weight: torch.Tensor, H, config: GPTQConfig):
     grid = DEFAULT_SHRINK_GRID if config.clip_search else (1.0,)
     if config.method == "rtn":
-        return rtn_quantize(module.weight.data, config.bits, config.group_size, config.sym, grid,
+        return rtn_quantize(weight, config.bits, config.group_size, config.sym, grid,
                             None if H is None else torch.diag(H))
-    return gptq_quantize(module.weight.data, H, config.bits, config.group_size, sym=config.sym,
+    return gptq_quantize(weight, H, config.bits, config.group_size, sym=config.sym,
                          desc_act=config.desc_act, static_groups=config.static_groups,
                          damp_percent=config.damp_percent, shrink_grid=grid)
+
+
+def _needs_hessian(config: GPTQConfig) -> bool:
+    return not (config.method == "rtn" and not config.clip_search)
 
 
 def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig) -> tuple[dict, dict]:
@@ -150,7 +154,7 @@ def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig) -> tup
     step's Hessian is taken after the steps before it were quantized; otherwise all come from the
     unquantized layer. Returns (tensors to save under `prefix`, per-module stats)."""
     steps = layer_linears(layer, spec)
-    needs_h = not (config.method == "rtn" and not config.clip_search)
+    needs_h = _needs_hessian(config)
     hessians = {} if config.true_sequential or not needs_h else {i: _step_hessian(layer, step[0][1], inputs)
                                                                   for i, step in enumerate(steps)}
     tensors, stats = {}, {}
@@ -159,22 +163,35 @@ def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig) -> tup
         todo = [t for t in todo if t[2] is not None]
         if not todo:
             continue
-        if not needs_h:
-            H = None  # plain round-to-nearest needs no activations
-        else:
-            H = hessians[i] if i in hessians else _step_hessian(layer, step[0][1], inputs)
         for name, mod, mconf in todo:
             if mod.in_features * mconf.bits % 32 or mod.out_features * mconf.bits % 32:
                 raise UsageError(f"{prefix}{name} ({mod.in_features}x{mod.out_features}) cannot be packed at "
                                  f"{mconf.bits} bits; skip it with dynamic={{'-:{prefix}{name}': {{}}}}")
-            result = _quantize_linear(mod, H, mconf)
-            packed = pack_gptq(result.codes, result.zeros, result.scales, result.g_idx, mconf.bits)
-            mod.weight.data = result.dequantized.to(mod.weight.dtype)
-            for k, v in packed.items():
-                tensors[f"{name}.{k}"] = v
-            if mod.bias is not None:
-                tensors[f"{name}.bias"] = mod.bias.data.to(torch.float16)
-            stats[prefix + name] = {"bits": mconf.bits, "loss": round(result.loss, 6)}
+        if not needs_h:
+            H = None  # plain round-to-nearest needs no activations
+        else:
+            H = hessians[i] if i in hessians else _step_hessian(layer, step[0][1], inputs)
+        # Linears of a step with the same settings are solved as one stacked weight: GPTQ treats
+        # rows independently given the shared Hessian, so the result is the same, with one
+        # Cholesky and one column loop instead of several.
+        batches: dict[str, list] = {}
+        for item in todo:
+            batches.setdefault(json.dumps(item[2].to_dict(), sort_keys=True), []).append(item)
+        for batch in batches.values():
+            mconf = batch[0][2]
+            result = _quantize_weight(torch.cat([mod.weight.data.float() for _, mod, _ in batch]), H, mconf)
+            row = 0
+            for name, mod, _ in batch:
+                rows = slice(row, row + mod.out_features)
+                row += mod.out_features
+                packed = pack_gptq(result.codes[rows], result.zeros[:, rows], result.scales[:, rows],
+                                   result.g_idx.clone(), mconf.bits)
+                mod.weight.data = result.dequantized[rows].to(mod.weight.dtype)
+                for k, v in packed.items():
+                    tensors[f"{name}.{k}"] = v
+                if mod.bias is not None:
+                    tensors[f"{name}.bias"] = mod.bias.data.to(torch.float16)
+                stats[prefix + name] = {"bits": mconf.bits, "loss": round(float(result.row_loss[rows].sum()), 6)}
     quantized = {n.rsplit(".", 1)[0] for n in tensors}
     for name, p in layer.named_parameters():  # everything not quantized: as is, fp16
         if name.rsplit(".", 1)[0] not in quantized:
@@ -256,8 +273,9 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
 
-    inputs = _capture_first_inputs(model, layers, calib)
-    if done:
+    needs_h = _needs_hessian(config)
+    inputs = _capture_first_inputs(model, layers, calib) if needs_h else []  # plain RTN: no activations
+    if done and needs_h:
         saved = load_file(str(partial / "inputs.safetensors"))["hidden"]
         inputs = [(h, kw) for h, (_, kw) in zip(saved.split(_BATCH), inputs)]
 
@@ -269,10 +287,11 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         _load_into(layer, prefix, index, key_of)
         index.release()
         tensors, stats = _quantize_layer(layer, prefix, spec, inputs, config)
-        outputs = _run_layer(layer, inputs)
-        inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
         save_tensors({prefix + k: v for k, v in tensors.items()}, partial / f"layer-{i:05d}.safetensors")
-        save_tensors({"hidden": torch.cat(outputs)}, partial / "inputs.safetensors")
+        if needs_h:
+            outputs = _run_layer(layer, inputs)
+            inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
+            save_tensors({"hidden": torch.cat(outputs)}, partial / "inputs.safetensors")
         (partial / f"layer-{i:05d}.json").write_text(json.dumps(stats))
         tmp = state_file.with_name(".state.json.tmp")
         tmp.write_text(json.dumps({"run": run_id, "done_layers": i + 1}))

@@ -78,3 +78,18 @@ def test_dead_inputs_and_determinism():
     b = gptq_quantize(W, H, 4, 32)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
     assert torch.all(a.dequantized[:, 5] == 0)  # an input that never fires carries no weight
+
+
+@pytest.mark.parametrize("desc_act,static_groups", [(False, False), (True, True), (True, False)])
+def test_stacked_rows_quantize_as_each_weight_alone(desc_act, static_groups):
+    """The walker solves linears sharing a Hessian (q/k/v, gate/up) as one stacked weight."""
+    W, X = _layer()
+    W2 = torch.randn(16, W.shape[1], generator=torch.Generator().manual_seed(5)) * 0.05
+    H, _ = accumulate_hessian(None, 0, X)
+    kw = dict(bits=4, group_size=64, desc_act=desc_act, static_groups=static_groups)
+    both = gptq_quantize(torch.cat([W, W2]), H, **kw)
+    for rows, alone in ((slice(0, 48), gptq_quantize(W, H, **kw)), (slice(48, 64), gptq_quantize(W2, H, **kw))):
+        assert torch.equal(both.codes[rows], alone.codes)
+        assert torch.equal(both.scales[:, rows], alone.scales) and torch.equal(both.zeros[:, rows], alone.zeros)
+        assert torch.equal(both.g_idx, alone.g_idx)
+        assert both.row_loss[rows].sum().item() == pytest.approx(alone.loss, rel=1e-4)
