@@ -24,16 +24,14 @@ class TensorIndex:
     def __init__(self, folder: str | os.PathLike, files: list[str] | None = None):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        weight_map = None
-        if files is not None:
-            pass
-        elif index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif not (self.folder / "model.safetensors").is_file():
+        if files is None and index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif files is None and (self.folder / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        elif files is None:
             raise UsageError(f"{self.folder} has no model.safetensors; llmshrink reads safetensors only "
                              "(re-save the model with save_pretrained(safe_serialization=True))")
         self._handles = {}
-        files = files or (sorted(set(weight_map.values())) if weight_map else ["model.safetensors"])
         self.file_of: dict[str, str] = {}
         for name in files:
             handle = self._open(name)
@@ -96,17 +94,20 @@ class StoredTensor(NamedTuple):
 
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL"}
+           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+           torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ITEMSIZE = {name: dtype.itemsize for dtype, name in _DTYPES.items()}
 
 
 def _info(t: torch.Tensor | StoredTensor) -> tuple[str, list[int], int]:
     """(safetensors dtype, shape, bytes) without loading a StoredTensor."""
     if isinstance(t, StoredTensor):
         dtype, shape = t.index.dtype_name(t.key), list(t.index.shape(t.key))
-        size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
-        return dtype, shape, size * math.prod(shape)
-    return _DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size()
+    else:
+        dtype, shape = _DTYPES.get(t.dtype), list(t.shape)
+    if dtype not in _ITEMSIZE:
+        raise ValueError(f"dtype {dtype or t.dtype} cannot be written by llmshrink's safetensors writer")
+    return dtype, shape, _ITEMSIZE[dtype] * math.prod(shape)
 
 
 def _write_streaming(entries: dict[str, torch.Tensor | StoredTensor], path: Path, metadata: dict[str, str]) -> None:

@@ -49,12 +49,11 @@ class LlmshrinkGptqHfQuantizer(HfQuantizer):
         if not checkpoint_files:
             raise UsageError("a GPTQ checkpoint loads from safetensors files; none were found")
         index = TensorIndex(Path(checkpoint_files[0]).parent)
-        names = checkpoint_names(model, index.keys())
-        shapes = {names[k]: index.shape(k) for k in index.keys()}
-        qc = self.quantization_config.to_dict()
+        model_name = checkpoint_names(model, index.keys())
+        shapes = {model_name[k]: index.shape(k) for k in index.keys()}
         self.modules_to_not_convert = []
-        names = replace_linears(model, shapes, qc, dtype=model.dtype)
-        logger.info("llmshrink: %d GPTQ linears loaded as QuantLinear", len(names))
+        replaced = replace_linears(model, shapes, self.quantization_config.to_dict(), dtype=model.dtype)
+        logger.info("llmshrink: %d GPTQ linears loaded as QuantLinear", len(replaced))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model
