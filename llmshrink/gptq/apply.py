@@ -80,14 +80,37 @@ def _empty_model(folder: Path):
     return model.eval()
 
 
-def _capture_first_inputs(model, layers, calib: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
-    """Hidden states and keyword arguments reaching the first decoder layer, per batch."""
+def calib_dtype(config: GPTQConfig) -> torch.dtype:
+    """The dtype of the calibration forwards `config.calib_dtype` asks for on this machine."""
+    if config.calib_dtype != "auto":
+        return getattr(torch, config.calib_dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() \
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return torch.bfloat16 if native else torch.float32
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """`value` (a tensor, or tuples/lists/dicts of them) with floating tensors cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _capture_first_inputs(model, layers, calib: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, dict]]:
+    """Hidden states and keyword arguments reaching the first decoder layer, per batch, with
+    floating tensors (hidden states, rotary tables, masks) in the calibration dtype."""
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        captured.append((hidden, kwargs))
+        captured.append((hidden.to(dtype), _cast_floats(kwargs, dtype)))
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -103,34 +126,117 @@ def _capture_first_inputs(model, layers, calib: torch.Tensor) -> list[tuple[torc
     return captured
 
 
-def _run_layer(layer, inputs: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
-    outs = []
-    with torch.no_grad():
-        for hidden, kwargs in inputs:
-            out = layer(hidden, **kwargs)
-            outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
+class _Passes:
+    """Calibration passes over one decoder layer that skip work whose result can no longer change.
 
+    A block of the layer (its attention, its MLP) whose output is exactly the output of its last
+    linear is, once that linear's inputs have been seen with the block's other linears already
+    quantized, replayed: later passes apply the (now quantized) linear to the saved inputs
+    instead of running the block again. Attention is then computed once per layer instead of four
+    times (Llama's true-sequential steps q/k/v, o, gate/up, down, then the output pass), and the
+    MLP's gate/up once instead of twice. The result is the same as running every pass in full."""
 
-def _step_hessian(layer, module, inputs) -> torch.Tensor:
-    """Hessian of the inputs reaching `module`, stopping each forward as soon as they are seen."""
-    state = {"H": None, "n": 0}
+    def __init__(self, layer: torch.nn.Module, inputs: list[tuple[torch.Tensor, dict]]):
+        self.layer, self.inputs = layer, inputs
+        self.batch = 0
+        self.replayed: list[torch.nn.Module] = []
+        self._pending = None
 
-    def hook(mod, args):
-        state["H"], state["n"] = accumulate_hessian(state["H"], state["n"], args[0])
-        raise _Stop
+    def hessian(self, module: torch.nn.Module, block: torch.nn.Module | None = None) -> torch.Tensor:
+        """Hessian of the inputs reaching `module`, each pass stopping as soon as they are seen.
 
-    handle = module.register_forward_pre_hook(hook)
-    try:
+        With `block` (the child of the layer whose output `module` produces), the inputs are also
+        kept so that `replay(block, ...)` can stand in for the block afterwards."""
+        state = {"H": None, "n": 0}
+        saved: list[torch.Tensor] = []
+        shape: dict = {}
+
+        def pre_hook(mod, args):
+            state["H"], state["n"] = accumulate_hessian(state["H"], state["n"], args[0])
+            if block is None:
+                raise _Stop
+            saved.append(args[0])
+            if self.batch:  # the first batch runs on through the block to show its output's shape
+                raise _Stop
+
+        def linear_out(mod, args, out):
+            shape["linear"] = out
+
+        def block_out(mod, args, out):
+            shape["block"] = out
+            raise _Stop
+
+        handles = [module.register_forward_pre_hook(pre_hook)]
+        if block is not None:
+            handles += [module.register_forward_hook(linear_out), block.register_forward_hook(block_out)]
+        try:
+            self._run(lambda out: None)
+        finally:
+            for h in handles:
+                h.remove()
+        if block is not None:
+            template = _output_template(shape.get("block"), shape.get("linear"))
+            self._pending = (block, module, saved, template) if template is not None else None
+        return state["H"]
+
+    def replay_pending(self) -> None:
+        """Stand in for the block seen by the last `hessian(..., block)` call, if its output is
+        exactly its linear's output (checked on the first batch)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        block, linear, saved, template = pending
+
+        def forward(*args, **kwargs):
+            out = linear(saved[self.batch])
+            return out if template is _TENSOR else (out, *template[1:])
+
+        block.forward = forward  # instance attribute, removed by close()
+        self.replayed.append(block)
+
+    def outputs(self) -> list[torch.Tensor]:
+        outs: list[torch.Tensor] = []
+        self._run(lambda out: outs.append(out[0] if isinstance(out, tuple) else out))
+        return outs
+
+    def close(self) -> None:
+        for block in self.replayed:
+            del block.forward
+        self.replayed.clear()
+
+    def _run(self, collect) -> None:
         with torch.no_grad():
-            for hidden, kwargs in inputs:
+            for self.batch, (hidden, kwargs) in enumerate(self.inputs):
                 try:
-                    layer(hidden, **kwargs)
+                    collect(self.layer(hidden, **kwargs))
                 except _Stop:
                     pass
-    finally:
-        handle.remove()
-    return state["H"]
+
+
+_TENSOR = object()  # template of a block that returns its linear's output as a bare tensor
+
+
+def _output_template(block_out, linear_out):
+    """How a block's output is built from its last linear's output: _TENSOR when it is that
+    tensor, the tuple when it is that tensor followed by Nones, else None (cannot replay)."""
+    if linear_out is None:
+        return None
+    if block_out is linear_out:
+        return _TENSOR
+    if isinstance(block_out, tuple) and block_out and block_out[0] is linear_out \
+            and all(x is None for x in block_out[1:]):
+        return block_out
+    return None
+
+
+def _replay_block(layer, steps, i: int, hidden_size: int) -> torch.nn.Module | None:
+    """The child of `layer` that step `i`'s single linear finishes (every other linear of the
+    child quantized in earlier steps), or None."""
+    if len(steps[i]) != 1 or "." not in steps[i][0][0] or steps[i][0][1].in_features > hidden_size:
+        return None  # saving inputs wider than the hidden states would cost more memory than it is worth
+    child = steps[i][0][0].split(".", 1)[0]
+    later = [name for step in steps[i + 1:] for name, _ in step]
+    return None if any(n.split(".", 1)[0] == child for n in later) else layer.get_submodule(child)
 
 
 def _quantize_weight(weight: torch.Tensor, H, config: GPTQConfig):
@@ -147,57 +253,76 @@ def _needs_hessian(config: GPTQConfig) -> bool:
     return not (config.method == "rtn" and not config.clip_search)
 
 
-def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig) -> tuple[dict, dict]:
-    """Quantize one loaded layer in place (weights replaced by their dequantized values).
+def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
+                    dtype: torch.dtype = torch.float32) -> tuple[dict, dict, list]:
+    """Quantize one loaded (float32) layer in place: weights are replaced by their dequantized
+    values and everything is cast to `dtype`, the calibration dtype, for the forwards.
 
     Linears of one step share an input, so they share one Hessian. With `true_sequential` each
     step's Hessian is taken after the steps before it were quantized; otherwise all come from the
-    unquantized layer. Returns (tensors to save under `prefix`, per-module stats)."""
+    unquantized layer. Returns (tensors to save under `prefix`, per-module stats, the layer's
+    outputs for the calibration inputs, empty when no activations are needed)."""
     steps = layer_linears(layer, spec)
     needs_h = _needs_hessian(config)
-    hessians = {} if config.true_sequential or not needs_h else {i: _step_hessian(layer, step[0][1], inputs)
-                                                                  for i, step in enumerate(steps)}
-    tensors, stats = {}, {}
-    for i, step in enumerate(steps):
-        todo = [(name, mod, config.for_module(prefix + name)) for name, mod in step]
-        todo = [t for t in todo if t[2] is not None]
-        if not todo:
-            continue
-        for name, mod, mconf in todo:
-            if mod.in_features * mconf.bits % 32 or mod.out_features * mconf.bits % 32:
-                raise UsageError(f"{prefix}{name} ({mod.in_features}x{mod.out_features}) cannot be packed at "
-                                 f"{mconf.bits} bits; skip it with dynamic={{'-:{prefix}{name}': {{}}}}")
-        if not needs_h:
-            H = None  # plain round-to-nearest needs no activations
-        else:
-            H = hessians[i] if i in hessians else _step_hessian(layer, step[0][1], inputs)
-        # Linears of a step with the same settings are solved as one stacked weight: GPTQ treats
-        # rows independently given the shared Hessian, so the result is the same, with one
-        # Cholesky and one column loop instead of several.
-        batches: dict[str, list] = {}
-        for item in todo:
-            batches.setdefault(json.dumps(item[2].to_dict(), sort_keys=True), []).append(item)
-        for batch in batches.values():
-            mconf = batch[0][2]
-            result = _quantize_weight(torch.cat([mod.weight.data.float() for _, mod, _ in batch]), H, mconf)
-            row = 0
-            for name, mod, _ in batch:
-                rows = slice(row, row + mod.out_features)
-                row += mod.out_features
-                packed = pack_gptq(result.codes[rows], result.zeros[:, rows], result.scales[:, rows],
-                                   result.g_idx.clone(), mconf.bits)
-                mod.weight.data = result.dequantized[rows].to(mod.weight.dtype)
-                for k, v in packed.items():
-                    tensors[f"{name}.{k}"] = v
-                if mod.bias is not None:
-                    tensors[f"{name}.bias"] = mod.bias.data.to(torch.float16)
-                stats[prefix + name] = {"bits": mconf.bits, "loss": round(float(result.row_loss[rows].sum()), 6)}
-    quantized = {n.rsplit(".", 1)[0] for n in tensors}
-    for name, p in layer.named_parameters():  # everything not quantized: as is, fp16
-        if name.rsplit(".", 1)[0] not in quantized:
-            tensors[name] = p.data.to(torch.float16)
-            p.data = tensors[name].float()  # later layers see exactly what is saved
-    return tensors, stats
+    masters = {name: p.data for name, p in layer.named_parameters()}  # float32, what is quantized and saved
+    for p in layer.parameters():
+        p.data = p.data.to(dtype)
+    passes = _Passes(layer, inputs)
+    try:
+        hessians = {} if config.true_sequential or not needs_h else {i: passes.hessian(step[0][1])
+                                                                      for i, step in enumerate(steps)}
+        tensors, stats = {}, {}
+        for i, step in enumerate(steps):
+            todo = [(name, mod, config.for_module(prefix + name)) for name, mod in step]
+            todo = [t for t in todo if t[2] is not None]
+            if not todo:
+                continue
+            for name, mod, mconf in todo:
+                if mod.in_features * mconf.bits % 32 or mod.out_features * mconf.bits % 32:
+                    raise UsageError(f"{prefix}{name} ({mod.in_features}x{mod.out_features}) cannot be packed at "
+                                     f"{mconf.bits} bits; skip it with dynamic={{'-:{prefix}{name}': {{}}}}")
+            if not needs_h:
+                H = None  # plain round-to-nearest needs no activations
+            elif i in hessians:
+                H = hessians[i]
+            else:
+                H = passes.hessian(step[0][1], _replay_block(layer, steps, i, inputs[0][0].shape[-1]))
+            _quantize_step(todo, H, masters, tensors, stats, prefix)
+            passes.replay_pending()
+        packed = {n[: -len("qweight")] + "weight" for n in tensors if n.endswith(".qweight")}
+        for name, p in layer.named_parameters():  # everything else, biases too: as is, fp16
+            if name in packed:
+                continue
+            tensors[name] = masters[name].to(torch.float16)
+            p.data = tensors[name].to(dtype)  # later layers see what is saved
+        return tensors, stats, passes.outputs() if needs_h else []
+    finally:
+        passes.close()
+
+
+def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: str) -> None:
+    """Quantize the linears of one step (sharing Hessian `H`; float32 weights in `masters` by
+    parameter name), filling `tensors` and `stats`.
+
+    Linears with the same settings are solved as one stacked weight: GPTQ treats rows
+    independently given the shared Hessian, so the result is the same, with one Cholesky and one
+    column loop instead of several."""
+    batches: dict[str, list] = {}
+    for item in todo:
+        batches.setdefault(json.dumps(item[2].to_dict(), sort_keys=True), []).append(item)
+    for batch in batches.values():
+        mconf = batch[0][2]
+        result = _quantize_weight(torch.cat([masters[f"{name}.weight"] for name, _, _ in batch]), H, mconf)
+        row = 0
+        for name, mod, _ in batch:
+            rows = slice(row, row + mod.out_features)
+            row += mod.out_features
+            packed = pack_gptq(result.codes[rows], result.zeros[:, rows], result.scales[:, rows],
+                               result.g_idx.clone(), mconf.bits)
+            mod.weight.data = result.dequantized[rows].to(mod.weight.dtype)
+            for k, v in packed.items():
+                tensors[f"{name}.{k}"] = v
+            stats[prefix + name] = {"bits": mconf.bits, "loss": round(float(result.row_loss[rows].sum()), 6)}
 
 
 def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> dict:
@@ -259,6 +384,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
 
     partial = out.with_name(out.name + ".partial")
     state_file = partial / "state.json"
+    dtype = calib_dtype(config)
+    calib_info = {**calib_info, "dtype": str(dtype).removeprefix("torch.")}
     run_id = {"source": str(source.resolve()), "config": config.to_dict(), "calibration": calib_info,
               "calib_shape": list(calib.shape)}
     done = 0
@@ -274,7 +401,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         partial.mkdir(parents=True)
 
     needs_h = _needs_hessian(config)
-    inputs = _capture_first_inputs(model, layers, calib) if needs_h else []  # plain RTN: no activations
+    inputs = _capture_first_inputs(model, layers, calib, dtype) if needs_h else []  # plain RTN: no activations
     if done and needs_h:
         saved = load_file(str(partial / "inputs.safetensors"))["hidden"]
         inputs = [(h, kw) for h, (_, kw) in zip(saved.split(_BATCH), inputs)]
@@ -286,10 +413,9 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         prefix = f"{layer_prefix}{i}."
         _load_into(layer, prefix, index, key_of)
         index.release()
-        tensors, stats = _quantize_layer(layer, prefix, spec, inputs, config)
+        tensors, stats, outputs = _quantize_layer(layer, prefix, spec, inputs, config, dtype)
         save_tensors({prefix + k: v for k, v in tensors.items()}, partial / f"layer-{i:05d}.safetensors")
         if needs_h:
-            outputs = _run_layer(layer, inputs)
             inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
             save_tensors({"hidden": torch.cat(outputs)}, partial / "inputs.safetensors")
         (partial / f"layer-{i:05d}.json").write_text(json.dumps(stats))

@@ -36,6 +36,10 @@ class GPTQConfig(MethodConfig):
         dynamic: per-module overrides by regex on the module name, first match wins:
             {"re:.*mlp.down_proj": {"bits": 8}}; {"-:.*lm_head"} style keys ("-:" prefix) skip modules.
         lm_head: also quantize the output head (off by default).
+        calib_dtype: dtype of the calibration forwards ("float32", "bfloat16", or "auto":
+            bfloat16 on CUDA and on CPUs with native bf16 matmul, AVX512-BF16 or AMX; else
+            float32). Hessians are accumulated and weights solved in float32 either way; bf16
+            forwards are 2-2.5x faster on such CPUs (GPTQModel also calibrates in bf16 there).
     """
 
     METHOD = "gptq"
@@ -52,11 +56,14 @@ class GPTQConfig(MethodConfig):
     clip_search: bool = True
     dynamic: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     lm_head: bool = False
+    calib_dtype: str = "auto"
 
     def validate(self) -> None:
         _check_grid(self.bits, self.group_size, self.damp_percent, where="")
         if self.method not in ("gptq", "rtn"):
             raise UsageError(f"method='{self.method}' is not known; use 'gptq' or 'rtn'")
+        if self.calib_dtype not in ("auto", "float32", "bfloat16"):
+            raise UsageError(f"calib_dtype='{self.calib_dtype}' is not known; use 'auto', 'float32' or 'bfloat16'")
         for key, overrides in self.dynamic.items():
             pattern = _pattern(key)
             try:

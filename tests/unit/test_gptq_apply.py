@@ -62,6 +62,40 @@ def test_loaded_checkpoint_computes_with_the_packed_weights(tmp_path, model_type
         torch.testing.assert_close(loaded(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "opt", "gpt_neox"])
+def test_replaying_finished_blocks_changes_nothing(tmp_path, monkeypatch, model_type):
+    """Passes that stand in for a finished attention block with its saved o_proj inputs give the
+    same checkpoint, byte for byte, as passes that run every block in full."""
+    _save_tiny(tmp_path / "src", model_type)
+    cfg = GPTQConfig(bits=4, group_size=16, calib_dtype="float32")
+    templates = []
+    real_template = gptq_apply._output_template
+    monkeypatch.setattr(gptq_apply, "_output_template", lambda *a: templates.append(real_template(*a)) or templates[-1])
+    replayed = quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "replayed", progress=False)
+    assert len(templates) == 3 and all(t is not None for t in templates)  # one attention block per layer
+    monkeypatch.setattr(gptq_apply, "_replay_block", lambda *a: None)
+    full = quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "full", progress=False)
+    assert _digest(replayed) == _digest(full)
+
+
+def test_bf16_calibration_is_recorded_and_as_good_as_fp32(tmp_path):
+    original = _save_tiny(tmp_path / "src")
+    x = _calib(4, 32)
+    with torch.no_grad():
+        want = original(x).logits
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        out = quantize_checkpoint(tmp_path / "src", GPTQConfig(bits=2, group_size=16, calib_dtype=dtype), _calib(),
+                                  tmp_path / dtype, progress=False)
+        meta = json.loads((out / "config.json").read_text())["quantization_config"]["llmshrink"]
+        assert meta["calibration"]["dtype"] == dtype
+        with torch.no_grad():
+            errors[dtype] = float((load_quantized(out)(x).logits - want).pow(2).mean())
+    assert errors["bfloat16"] < 1.2 * errors["float32"], errors
+    with pytest.raises(UsageError, match="calib_dtype"):
+        GPTQConfig(calib_dtype="float16")
+
+
 def test_same_seed_gives_a_byte_identical_checkpoint(tmp_path):
     _save_tiny(tmp_path / "src")
     cfg = GPTQConfig(bits=2, group_size=32, desc_act=True, sym=False)
