@@ -37,6 +37,10 @@ class QuantResult:
 def accumulate_hessian(H: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Running H = 2/N * sum_t x_t x_t^T over all N tokens seen so far.
 
+    H is symmetric, so wide inputs are multiplied in column blocks and only the blocks on and
+    above the diagonal are computed (the rest copied): a quarter fewer flops for the largest
+    share of a GPTQ run's time on CPUs.
+
     Args:
         H: [in, in] float32 so far, or None to start.
         count: tokens behind H.
@@ -50,7 +54,16 @@ def accumulate_hessian(H: torch.Tensor | None, count: int, x: torch.Tensor) -> t
     total = count + x.shape[0]
     H.mul_(count / total)
     x = x * math.sqrt(2.0 / total)
-    H.addmm_(x.t(), x)
+    d = x.shape[1]
+    k = 1 if d < 256 else 4
+    edges = [d * i // k for i in range(k + 1)]
+    blocks = [slice(edges[i], edges[i + 1]) for i in range(k)]
+    for i, bi in enumerate(blocks):
+        for bj in blocks[i:]:
+            H[bi, bj].addmm_(x[:, bi].t(), x[:, bj])
+    for i, bi in enumerate(blocks):
+        for bj in blocks[i + 1:]:
+            H[bj, bi].copy_(H[bi, bj].t())
     return H, total
 
 
@@ -189,7 +202,13 @@ def gptq_quantize(
     deq = torch.zeros_like(W)
     scales = torch.zeros((n_groups, out_f))
     zeros = torch.zeros((n_groups, out_f))
-    col_group = torch.zeros(in_f, dtype=torch.long)  # group of each permuted column
+    if static is not None:
+        for g, (scale, zero) in enumerate(static):
+            scales[g], zeros[g] = scale, zero
+        col_group = perm // gs  # group of each permuted column
+        static_of = [static[g] for g in col_group.tolist()]
+    else:
+        col_group = torch.arange(in_f) // gs
     row_loss = torch.zeros(out_f)
     scale = zero = None
     for i1 in range(0, in_f, block_size):
@@ -197,26 +216,23 @@ def gptq_quantize(
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        diag1 = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if static is not None:
-                g = int(perm[col]) // gs
-                scale, zero = static[g]
-            else:
-                g = col // gs
-                if col % gs == 0:  # a new group: its grid from the error-updated weights
-                    end = min(col + gs, in_f)
-                    W_group = torch.cat([W1[:, i:], W[:, i2:end]], dim=1)[:, :end - col]
-                    scale, zero = _group_params(W_group, h_perm[col:end], bits, sym, shrink_grid)
-            scales[g], zeros[g], col_group[col] = scale, zero, g
+                scale, zero = static_of[col]
+            elif col % gs == 0:  # a new group: its grid from the error-updated weights
+                g, end = col // gs, min(col + gs, in_f)
+                W_group = torch.cat([W1[:, i:], W[:, i2:end]], dim=1)[:, :end - col]
+                scale, zero = _group_params(W_group, h_perm[col:end], bits, sym, shrink_grid)
+                scales[g], zeros[g] = scale, zero
             w = W1[:, i]
-            d = Hinv1[i, i]
             c, q = quantize_dequantize(w, scale, zero, bits)
             codes[:, col], deq[:, col] = c, q
-            row_loss += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
+            err = (w - q) / diag1[i]
             W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
             Err1[:, i] = err
+        row_loss += Err1.pow(2).sum(1) / 2  # (w - q)^2 / Hinv_jj^2 / 2 per column
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)

@@ -131,8 +131,8 @@ class _Passes:
 
     A block of the layer (its attention, its MLP) whose output is exactly the output of its last
     linear is, once that linear's inputs have been seen with the block's other linears already
-    quantized, replayed: later passes apply the (now quantized) linear to the saved inputs
-    instead of running the block again. Attention is then computed once per layer instead of four
+    quantized, replayed: later passes take the (now quantized) linear applied once to the saved
+    inputs instead of running the block again. Attention is then computed once per layer instead of four
     times (Llama's true-sequential steps q/k/v, o, gate/up, down, then the output pass), and the
     MLP's gate/up once instead of twice. The result is the same as running every pass in full."""
 
@@ -187,9 +187,13 @@ class _Passes:
             return
         block, linear, saved, template = pending
 
+        outputs: list[torch.Tensor | None] = [None] * len(saved)
+
         def forward(*args, **kwargs):
-            out = linear(saved[self.batch])
-            return out if template is _TENSOR else (out, *template[1:])
+            b = self.batch
+            if outputs[b] is None:  # the quantized linear on its saved inputs, once per batch
+                outputs[b], saved[b] = linear(saved[b]), None
+            return outputs[b] if template is _TENSOR else (outputs[b], *template[1:])
 
         block.forward = forward  # instance attribute, removed by close()
         self.replayed.append(block)
