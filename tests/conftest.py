@@ -6,8 +6,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Triton kernels are tested on the CPU through Triton's interpreter; the switch is read when
+    # kernels are defined, so it is set before any test imports llmshrink.kernels. Automatic
+    # kernel selection never picks Triton on a CPU, so nothing else runs through the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
-import torch
 
 
 class CharTokenizer:

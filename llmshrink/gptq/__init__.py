@@ -1,7 +1,8 @@
-"""GPTQ-style weight quantization (work in progress: the pure math and the checkpoint layout).
+"""GPTQ-style weight quantization.
 
-`algorithm.py` holds the tensor math, `packing.py` the standard GPTQ checkpoint layout. The model
-walker, save/load and the CLI come next (see the GPTQ issue).
+`algorithm.py` holds the tensor math, `packing.py` the standard GPTQ checkpoint layout,
+`apply.py` the layer-by-layer walker, `linear.py` / `load.py` / `hf.py` the quantized module and
+its loading (the matmul itself is in `llmshrink.kernels`), `config.py` the `GPTQConfig`.
 """
 
 from .algorithm import QuantResult, accumulate_hessian, gptq_quantize, rtn_quantize

@@ -56,6 +56,9 @@ class LlmshrinkGptqHfQuantizer(HfQuantizer):
         logger.info("llmshrink: %d GPTQ linears loaded as QuantLinear", len(replaced))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from ..kernels import prepare_kernels
+
+        prepare_kernels(model)
         return model
 
     def is_serializable(self):

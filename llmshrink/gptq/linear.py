@@ -1,8 +1,9 @@
-"""`QuantLinear`: a linear layer holding GPTQ-packed weights, computed through a reference path.
+"""`QuantLinear`: a linear layer holding GPTQ-packed weights, computed by a kernel from `kernels/`.
 
 Its buffers carry the standard checkpoint names (`qweight`, `qzeros`, `scales`, `g_idx`, `bias`),
-so its state dict is the checkpoint. The forward here dequantizes and calls `F.linear`: the
-pure-torch reference that faster kernels are tested against and fall back to.
+so its state dict is the checkpoint. The forward hands x to the kernel `llmshrink.kernels`
+selects for this layer, device and dtype (built at load time by `prepare_kernels`, or at the
+first forward; rebuilt when the module moves or its buffers are reloaded).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .packing import SUPPORTED_BITS, dequantize_gptq
@@ -39,6 +39,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         else:
             self.bias = None
+        self.compute_dtype = dtype
+        self.kernel = None  # built from the buffers by use_kernel
 
     @classmethod
     def from_packed(cls, packed: dict[str, torch.Tensor], bits: int, group_size: int,
@@ -57,11 +59,28 @@ class QuantLinear(nn.Module):
         """[out, in] float32 weight these buffers encode."""
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
 
+    def use_kernel(self, device: torch.device | str, dtype: torch.dtype, override: str | None = None):
+        """Select and build the kernel for activations of `dtype` on `device` (see llmshrink.kernels)."""
+        from ..kernels import select_kernel
+
+        self.kernel = select_kernel(self, device, dtype, override)
+        return self.kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantized_weight().to(x.dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, weight, bias)
+        kernel = self.kernel
+        if kernel is None or kernel.device != x.device or kernel.dtype != x.dtype:
+            kernel = self.use_kernel(x.device, x.dtype)
+        return kernel(x)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): the kernel is rebuilt on next use
+        self.kernel = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.kernel = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, bias={self.bias is not None}"
+                + (f", kernel={self.kernel.name}" if self.kernel is not None else ""))

@@ -99,4 +99,7 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) built on meta
         if buf.device.type == "meta":
             raise UsageError(f"{name} could not be materialised")
+    from ..kernels import prepare_kernels
+
+    prepare_kernels(model)
     return model.eval()

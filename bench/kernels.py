@@ -1,0 +1,152 @@
+"""Low-bit matmul kernels side by side with dense matmul, in one process.
+
+    python bench/kernels.py                 # CPU kernels + generation speed of the default model
+    python bench/kernels.py --skip-generate # kernels only
+
+CPU: every CPU kernel that serves a layer (4-bit g128 act-order, 8-bit g128 and 8-bit
+per-channel), against fp32 `F.linear` on the dense weight, shapes in x out 576x1536, 1536x576,
+4096x4096, 4096x11008, rows 1/8/64; then the default model generating greedily, fp32 against
+its 4-bit g128 checkpoint (RTN: the weights' format is what matters for speed), tokens/s.
+GPU (when CUDA is there): the Triton kernel (4-bit g128) against fp16 `F.linear` (cuBLAS) at
+rows 1/16/64/256 on 4096x4096, 4096x14336, 8192x28672, with device, torch and triton versions.
+Ratios are dense time / kernel time: above 1 means the kernel is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmshrink.gptq.linear import QuantLinear
+from llmshrink.gptq.packing import pack_gptq
+from llmshrink.kernels import KERNELS
+
+CPU_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]
+GPU_SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
+
+
+def random_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, device="cpu") -> QuantLinear:
+    g = torch.Generator().manual_seed(0)
+    size = k if group_size == -1 else group_size
+    groups = -(-k // size)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.int32)
+    zeros = torch.full((groups, n), 2 ** (bits - 1))
+    scales = torch.rand(groups, n, generator=g) * 0.02 + 0.002
+    g_idx = torch.arange(k) // size
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    return QuantLinear.from_packed(pack_gptq(codes, zeros, scales, g_idx, bits), bits, group_size,
+                                   dtype=torch.float32).to(device)
+
+
+def timed(fn, min_seconds: float = 0.3, cuda: bool = False) -> float:
+    """Median seconds per call."""
+    for _ in range(3):
+        fn()
+    times = []
+    total = 0.0
+    while total < min_seconds or len(times) < 5:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        total += times[-1]
+    return statistics.median(times)
+
+
+def bench_cpu() -> None:
+    print(f"\nCPU kernels (torch {torch.__version__}, {torch.get_num_threads()} threads); "
+          "ms per call, speedup = fp32 F.linear time / kernel time")
+    print("| layer (in x out) | format | rows | fp32 F.linear ms | " + " | ".join(
+        f"{n} ms (x)" for n in ("torch-int4", "torch-int8", "torch-dequant", "reference")) + " |")
+    print("|---|---|---|---|---|---|---|---|")
+    cpu = torch.device("cpu")
+    for k, n in CPU_SHAPES:
+        for bits, group, act in ((4, 128, True), (8, 128, False), (8, -1, False)):
+            layer = random_layer(k, n, bits, group, act)
+            dense = layer.dequantized_weight()
+            kernels = {name: cls(layer, cpu, torch.float32) for name, cls in KERNELS.items()
+                       if name != "triton" and cls.supports(layer, cpu, torch.float32) is None}
+            for rows in (1, 8, 64):
+                x = torch.randn(rows, k)
+                with torch.inference_mode():
+                    base = timed(lambda: F.linear(x, dense))
+                    cells = []
+                    for name in ("torch-int4", "torch-int8", "torch-dequant", "reference"):
+                        if name not in kernels or (name == "reference" and k * n > 4096 * 4096 and rows > 1):
+                            cells.append("-")
+                            continue
+                        t = timed(lambda: kernels[name](x), min_seconds=0.2)
+                        cells.append(f"{t * 1e3:.3f} ({base / t:.2f}x)")
+                fmt = f"{bits}-bit g{group}{' act-order' if act else ''}"
+                print(f"| {k}x{n} | {fmt} | {rows} | {base * 1e3:.3f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def bench_generate(new_tokens: int) -> None:
+    from llmshrink import AutoModelForCausalLM, GPTQConfig, load_model, quantize
+
+    model, tokenizer, source = load_model("smollm2-135m")
+    prompt = tokenizer("The history of the city begins", return_tensors="pt").input_ids
+    with tempfile.TemporaryDirectory() as tmp:
+        out = quantize(source, GPTQConfig(bits=4, group_size=128, method="rtn", clip_search=False), Path(tmp) / "q",
+                       progress=False)
+        quantized = AutoModelForCausalLM.from_pretrained(out)
+        kinds = sorted({m.kernel.name for m in quantized.modules() if isinstance(m, QuantLinear)})
+        results = {}
+        for name, m in (("fp32", model), (f"4-bit g128 ({', '.join(kinds)})", quantized)):
+            with torch.inference_mode():
+                def run():
+                    m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                results[name] = new_tokens / timed(run, min_seconds=3.0)
+    print(f"\nGeneration, default model, greedy, {new_tokens} new tokens, batch 1 (tokens/s)")
+    base = results["fp32"]
+    for name, tps in results.items():
+        print(f"| {name} | {tps:.1f} tok/s | {tps / base:.2f}x |")
+
+
+def bench_gpu() -> None:
+    import triton
+
+    from llmshrink.kernels.triton_gptq import TritonKernel
+
+    cuda = torch.device("cuda")
+    print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+          "speedup = fp16 F.linear (cuBLAS) time / Triton time, 4-bit g128")
+    print("| layer (in x out) | rows | fp16 cuBLAS ms | triton ms | speedup |")
+    print("|---|---|---|---|---|")
+    for k, n in GPU_SHAPES:
+        layer = random_layer(k, n, 4, 128, act_order=False, device=cuda)
+        dense = layer.dequantized_weight().half()
+        kernel = TritonKernel(layer, cuda, torch.float16)
+        for rows in (1, 16, 64, 256):
+            x = torch.randn(rows, k, device=cuda, dtype=torch.float16)
+            base = timed(lambda: F.linear(x, dense), cuda=True)
+            t = timed(lambda: kernel(x), cuda=True)
+            print(f"| {k}x{n} | {rows} | {base * 1e3:.4f} | {t * 1e3:.4f} | {base / t:.2f}x |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    print(" ".join(sys.argv))
+    bench_cpu()
+    if not args.skip_generate:
+        bench_generate(args.new_tokens)
+    if torch.cuda.is_available():
+        bench_gpu()
+
+
+if __name__ == "__main__":
+    main()

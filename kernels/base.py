@@ -1,0 +1,59 @@
+"""What every kernel shares: the interface, and the act-order reordering done once at build time."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+__all__ = ["Kernel", "sorted_groups", "unpacked_codes"]
+
+
+class Kernel:
+    """One way of computing a QuantLinear. Subclasses set `name`, implement `supports` (a
+    classmethod returning why the kernel cannot serve, or None), build their repacked tensors in
+    `__init__` and compute in `forward(x)` for x [..., in_features]."""
+
+    name: ClassVar[str]
+    automatic: ClassVar[tuple[str, ...] | None] = None  # device types select_kernel may pick it for unasked
+
+    def __init__(self, layer, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bias = None if layer.bias is None else layer.bias.to(device=device, dtype=dtype)
+
+    @classmethod
+    def supports(cls, layer, device: torch.device, dtype: torch.dtype) -> str | None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)
+
+
+def sorted_groups(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | None, int] | None:
+    """How to make a layer's groups contiguous: (perm, size) such that input channels taken in
+    `perm` order (None: already in order) fall in consecutive groups of `size` channels (the last
+    one may be partial). None when the groups are not all `size` channels (a hand-made g_idx).
+
+    Act-order checkpoints without static groups store non-monotone `g_idx`; kernels permute the
+    weight rows once with `perm` and gather x's columns with it per call (as ExLlama does)."""
+    g = g_idx.long().cpu()
+    k = g.numel()
+    size = k if group_size == -1 else group_size
+    perm = None
+    if (g[1:] < g[:-1]).any():
+        perm = torch.argsort(g, stable=True)
+        g = g[perm]
+    if not torch.equal(g, torch.arange(k) // size):
+        return None
+    return perm, size
+
+
+def unpacked_codes(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [out, in] int32, zeros [groups, out] int32) of a QuantLinear, on the CPU."""
+    from ..gptq.packing import unpack_gptq
+
+    return unpack_gptq(layer.qweight.cpu(), layer.qzeros.cpu(), layer.bits, in_features=layer.in_features)

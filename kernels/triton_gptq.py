@@ -1,0 +1,191 @@
+"""Triton kernels for y = x @ dequant(W) on the GPTQ layout: a tiled GEMM and a split-K GEMV.
+
+One kernel body, two launch shapes:
+- GEMM (more than 8 rows): tiles of BLOCK_M x BLOCK_N outputs, the K loop inside, autotuned.
+- GEMV (1 to 8 rows, decoding): BLOCK_M = 16 and the K range split over SPLIT_K programs that
+  add their partial sums atomically into an fp32 buffer, so a single row still fills the GPU.
+
+Each program unpacks the codes of a BLOCK_K x BLOCK_N weight tile straight from `qweight`
+(3-bit codes that straddle two words included), looks up each row's group in `g_idx`, and
+dequantizes with that group's scale and zero point before `tl.dot`. Act-order checkpoints are
+reordered once when the kernel is built (rows sorted by group, as Marlin and ExLlama do); each
+call gathers x's columns in the same order. Activations are fp16, bf16 or fp32; accumulation is
+fp32. bf16 and fp32 tiles are multiplied as fp32 (TF32 tensor cores for bf16 inputs, which holds
+them exactly; IEEE for fp32), fp16 tiles as fp16: bf16 `tl.dot` is wrong in Triton's CPU
+interpreter, and casting in the kernel keeps GPU and interpreter on the same arithmetic.
+
+On CPU the kernel runs only under TRITON_INTERPRET=1 (the tests do); it is never chosen there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import Kernel, sorted_groups, unpacked_codes
+
+__all__ = ["TritonKernel", "gptq_matmul"]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is Linux-only
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_DOT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # fp16 dot, tf32 dot, ieee fp32 dot
+GEMV_MAX_ROWS = 8
+
+if triton is not None:
+
+    @triton.jit
+    def _unpack(words_lo, words_hi, shift, BITS: tl.constexpr):
+        """Codes at bit `shift` of `words_lo`, continued into `words_hi` when they straddle."""
+        low_bits = tl.minimum(32 - shift, BITS)
+        code = (words_lo >> shift) & ((1 << low_bits) - 1)
+        if BITS == 3:
+            code = code | ((words_hi << low_bits) & ((1 << BITS) - 1))
+        return code
+
+    @triton.jit
+    def _gptq_mm(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride,
+                 BITS: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        zbit = offs_n * BITS
+        zword, zshift = zbit // 32, zbit % 32
+        zspill = mask_n & (zshift + BITS > 32)
+
+        k_chunk = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_begin = tl.program_id(1) * k_chunk
+        k_end = tl.minimum(k_begin + k_chunk, K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_end
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            bit = offs_k * BITS
+            word, shift = bit // 32, bit % 32
+            kn_mask = mask_k[:, None] & mask_n[None, :]
+            lo = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=kn_mask, other=0)
+            hi = lo
+            if BITS == 3:
+                spill = mask_k & (shift + BITS > 32)
+                hi = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :],
+                             mask=spill[:, None] & mask_n[None, :], other=0)
+            q = _unpack(lo, hi, shift[:, None], BITS)
+
+            g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
+            z_lo = tl.load(qz_ptr + g[:, None] * z_stride + zword[None, :], mask=kn_mask, other=0)
+            z_hi = z_lo
+            if BITS == 3:
+                z_hi = tl.load(qz_ptr + g[:, None] * z_stride + (zword + 1)[None, :],
+                               mask=mask_k[:, None] & zspill[None, :], other=0)
+            z = _unpack(z_lo, z_hi, zshift[None, :], BITS) + 1  # the v1 layout stores zero - 1
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+            w = (q - z).to(tl.float32) * s  # [BLOCK_K, BLOCK_N]
+            if DOT == 0:
+                acc += tl.dot(x.to(tl.float16), w.to(tl.float16))
+            elif DOT == 1:
+                acc += tl.dot(x.to(tl.float32), w, input_precision="tf32")
+            else:
+                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        out_mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=out_mask)
+
+    def _configs(gemv: bool):
+        if gemv:
+            space = [(16, bn, bk, sk, w) for bn in (64, 128) for bk in (64, 128) for sk in (4, 8, 16) for w in (4,)]
+        else:
+            space = [(bm, bn, bk, 1, w) for bm, bn, bk, w in
+                     ((32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 32, 4), (128, 128, 32, 8), (128, 64, 64, 4))]
+        if _INTERPRET:
+            space = space[:1]  # nothing to tune on the CPU interpreter
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=2)
+                for bm, bn, bk, sk, w in space]
+
+    _KEY = ["M_BUCKET", "N", "K", "BITS", "DOT"]
+
+    @triton.jit
+    def _entry(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride, M_BUCKET,
+               BITS: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        _gptq_mm(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride,
+                 BITS, DOT, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+
+    _gemm = triton.autotune(configs=_configs(gemv=False), key=_KEY)(_entry)
+    _gemv = triton.autotune(configs=_configs(gemv=True), key=_KEY, reset_to_zero=["y_ptr"])(_entry)
+
+
+def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(W) [K, N] (+ bias) for GPTQ tensors, in x's dtype."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    x = x.contiguous()
+    gemv = M <= GEMV_MAX_ROWS
+    y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if gemv else torch.empty((M, N), device=x.device,
+                                                                                          dtype=x.dtype)
+    bucket = M if gemv else min(1 << (M - 1).bit_length(), 4096)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+    args = (x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, M, N, K, x.stride(0), y.stride(0),
+            qzeros.shape[1], bucket)
+    (_gemv if gemv else _gemm)[grid](*args, BITS=bits, DOT=_DOT[x.dtype], HAS_BIAS=bias is not None)
+    if gemv:
+        y = y if bias is None else y + bias.float()
+        y = y.to(x.dtype)
+    return y
+
+
+class TritonKernel(Kernel):
+    name = "triton"
+    automatic = ("cuda",)
+
+    @classmethod
+    def supports(cls, layer, device, dtype):
+        if triton is None:
+            return "triton is not installed"
+        if device.type != "cuda" and not (_INTERPRET and device.type == "cpu"):
+            return "CUDA only (CPU only under TRITON_INTERPRET=1, for tests)"
+        if dtype not in _DOT:
+            return "activations must be float16, bfloat16 or float32"
+        return None
+
+    def __init__(self, layer, device, dtype):
+        from ..gptq.packing import pack_rows
+
+        super().__init__(layer, device, dtype)
+        layout = sorted_groups(layer.g_idx, layer.group_size)
+        self.perm = None
+        qweight, g_idx = layer.qweight, layer.g_idx
+        if layout is not None and layout[0] is not None:  # act-order: sort rows by group once
+            self.perm = layout[0].to(device)
+            codes, _ = unpacked_codes(layer)
+            qweight = pack_rows(codes[:, layout[0]].t().contiguous(), layer.bits)
+            g_idx = layer.g_idx.cpu()[layout[0]]
+        self.qweight = qweight.to(device).contiguous()
+        self.g_idx = g_idx.to(device=device, dtype=torch.int32).contiguous()
+        self.qzeros = layer.qzeros.to(device).contiguous()
+        self.scales = layer.scales.to(device).contiguous()
+        self.bits = layer.bits
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        if self.perm is not None:
+            x = x[:, self.perm]
+        y = gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+        return y.reshape(*shape[:-1], self.out_features)

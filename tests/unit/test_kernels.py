@@ -1,0 +1,108 @@
+"""Every kernel against the reference dequantize-matmul: bits x group size x act-order x dtype x rows.
+
+Triton kernels run here on the CPU through TRITON_INTERPRET=1 (set by conftest), and on CUDA in
+the GPU-marked copies of the same tests, which skip cleanly without a GPU.
+"""
+
+import pytest
+import torch
+
+from llmshrink.gptq.linear import QuantLinear
+from llmshrink.gptq.packing import pack_gptq
+from llmshrink.kernels import KERNELS, prepare_kernels, select_kernel, sorted_groups
+
+CUDA = torch.cuda.is_available()
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |y|
+
+
+def make_layer(k, n, bits, group_size, act_order=False, sym=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = k if group_size == -1 else group_size
+    groups = -(-k // size)
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    zeros = torch.full((groups, n), 2 ** (bits - 1)) if sym else torch.randint(1, 2**bits, (groups, n), generator=g)
+    scales = torch.rand(groups, n, generator=g) * 0.02 + 0.002
+    g_idx = torch.arange(k) // size
+    if act_order:  # what GPTQ act-order without static groups writes: groups in a permuted order
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    b = torch.randn(n, generator=g) if bias else None
+    return QuantLinear.from_packed(pack_gptq(codes, zeros, scales, g_idx, bits), bits, group_size, bias=b,
+                                   dtype=torch.float32)
+
+
+def check(kernel_name, layer, rows, dtype, device="cpu"):
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(rows))
+    want = KERNELS["reference"](layer, torch.device("cpu"), torch.float32)(x.to(dtype).float())
+    kernel = select_kernel(layer.to(device), device, dtype, override=kernel_name)
+    got = kernel(x.to(device=device, dtype=dtype))
+    assert got.dtype == dtype and got.shape == want.shape
+    err = (got.float().cpu() - want).abs().max() / want.abs().max()
+    assert err < TOL[dtype], f"{kernel_name}: relative error {err:.2e}"
+
+
+# (in_features, out_features, bits, group_size): partial last groups (96 = 1.5 x 64, 576 = 4.5 x 128),
+# per-channel groups, and 3-bit codes that straddle int32 words.
+LAYOUTS = [(64, 64, 4, 32), (96, 96, 3, 64), (96, 32, 2, -1), (64, 64, 8, 32), (128, 64, 4, 64), (96, 64, 8, -1)]
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act_order,sym", [(False, True), (True, False)])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not CUDA, reason="needs CUDA")])])
+def test_triton_matches_reference(layout, act_order, sym, dtype, rows, device):
+    check("triton", make_layer(*layout, act_order=act_order, sym=sym), rows, dtype, device)
+
+
+CPU_LAYOUTS = [(576, 192, 4, 128), (576, 1536, 3, 128), (1536, 576, 2, 64), (576, 576, 4, -1), (256, 64, 4, 32),
+               (576, 576, 8, 128), (576, 576, 8, -1), (96, 64, 4, 16), (96, 40, 4, 32)]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_order,sym", [(False, True), (True, False)])
+@pytest.mark.parametrize("layout", CPU_LAYOUTS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", ["torch-int4", "torch-int8", "torch-dequant"])
+def test_cpu_kernels_match_reference(name, layout, act_order, sym, dtype, rows):
+    layer = make_layer(*layout, act_order=act_order, sym=sym)
+    reason = KERNELS[name].supports(layer, torch.device("cpu"), dtype)
+    expected_unsupported = (name == "torch-int4" and (layout[2] > 4 or layout[3] == 16 or layout[1] % 16 != 0)) or \
+                           (name == "torch-int8" and layout[2] != 8)
+    assert (reason is not None) == expected_unsupported, reason
+    if reason is None:
+        check(name, layer, rows, dtype)
+
+
+def test_selection_order_override_and_rebuild(monkeypatch):
+    layer = make_layer(576, 192, 4, 128, act_order=True)
+    assert select_kernel(layer, "cpu", torch.float32).name == "torch-int4"
+    assert select_kernel(make_layer(576, 192, 8, 128), "cpu", torch.float32).name == "torch-int8"
+    assert select_kernel(make_layer(96, 64, 4, 16), "cpu", torch.float32).name == "torch-dequant"
+    assert select_kernel(make_layer(96, 64, 4, 16), "cpu", torch.float64).name == "reference"
+    assert select_kernel(layer, "cpu", torch.float32).name != "triton"  # never picked on a CPU unasked
+    monkeypatch.setenv("LLMSHRINK_KERNEL", "torch-dequant")
+    assert select_kernel(layer, "cpu", torch.float32).name == "torch-dequant"
+    monkeypatch.setenv("LLMSHRINK_KERNEL", "torch-int8")
+    with pytest.raises(ValueError, match="kernel 'torch-int8' cannot compute .* 8-bit codes only; unset LLMSHRINK_KERNEL"):
+        select_kernel(layer, "cpu", torch.float32)
+    monkeypatch.setenv("LLMSHRINK_KERNEL", "marlin")
+    with pytest.raises(ValueError, match="not a kernel; use one of"):
+        select_kernel(layer, "cpu", torch.float32)
+    monkeypatch.delenv("LLMSHRINK_KERNEL")
+
+    model = torch.nn.Sequential(layer)
+    assert prepare_kernels(model) == {"torch-int4": 1}
+    y = model(torch.randn(2, 576))
+    other = make_layer(576, 192, 4, 128, act_order=True, seed=1)
+    layer.load_state_dict(other.state_dict())  # new buffers: the kernel is rebuilt from them
+    assert layer.kernel is None
+    torch.testing.assert_close(layer(torch.ones(1, 576)), other(torch.ones(1, 576)))
+    assert y.shape == (2, 192) and model(torch.zeros(0, 576)).shape == (0, 192)
+
+
+def test_sorted_groups():
+    assert sorted_groups(torch.arange(10) // 4, 4) == (None, 4)
+    perm, size = sorted_groups(torch.tensor([1, 0, 1, 0]), 2)
+    assert perm.tolist() == [1, 3, 0, 2] and size == 2
+    assert sorted_groups(torch.tensor([0, 0, 0, 1]), 2) is None  # groups of unequal size
