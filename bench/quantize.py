@@ -115,12 +115,10 @@ def main() -> None:
         if args.gptqmodel_python:
             out = work / f"gptqmodel-{bits}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [args.gptqmodel_python, str(HERE / "_gptqmodel_child.py"), source, str(out), str(bits),
+            # -I: none of our paths (bench/kernels.py would shadow the `kernels` package transformers probes)
+            cmd = [args.gptqmodel_python, "-I", str(HERE / "_gptqmodel_child.py"), source, str(out), str(bits),
                    str(args.group_size), str(calib_file)]
-            # Its own venv, and none of our import path: our top-level kernels/ would shadow the
-            # PyPI `kernels` package that transformers probes for.
-            peer_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-            seconds, rss, _ = run_measured(cmd, {**peer_env, "GPTQMODEL_CPU_WORKERS": "2"})
+            seconds, rss, _ = run_measured(cmd, {**env, "GPTQMODEL_CPU_WORKERS": "2"})
             rows.append((bits, "GPTQModel 7.6.0 (defaults)", ppl_of(str(out), ids, args.seqlen), seconds, rss))
             print(rows[-1], flush=True)
 
