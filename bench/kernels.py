@@ -4,9 +4,11 @@
     python bench/kernels.py --skip-generate # kernels only
 
 CPU: every CPU kernel that serves a layer (4-bit g128 act-order, 8-bit g128 and 8-bit
-per-channel), against fp32 `F.linear` on the dense weight, shapes in x out 576x1536, 1536x576,
-4096x4096, 4096x11008, rows 1/8/64; then the default model generating greedily, fp32 against
-its 4-bit g128 checkpoint (RTN: the weights' format is what matters for speed), tokens/s.
+per-channel) with bf16 activations (where torch's int4/int8 matmuls are fast) and fp32 ones,
+against fp32 `F.linear` on the dense weight (and bf16 `F.linear` for reference), shapes in x out
+576x1536, 1536x576, 4096x4096, 4096x11008, rows 1/8/64; then the default model generating
+greedily, fp32 (and bf16) dense against its 4-bit g128 checkpoint (RTN: the weights' format is
+what matters for speed) loaded in bf16 and in fp32, tokens/s.
 GPU (when CUDA is there): the Triton kernel (4-bit g128) against fp16 `F.linear` (cuBLAS) at
 rows 1/16/64/256 on 4096x4096, 4096x14336, 8192x28672, with device, torch and triton versions.
 Ratios are dense time / kernel time: above 1 means the kernel is faster.
@@ -65,31 +67,38 @@ def timed(fn, min_seconds: float = 0.3, cuda: bool = False) -> float:
 
 
 def bench_cpu() -> None:
-    print(f"\nCPU kernels (torch {torch.__version__}, {torch.get_num_threads()} threads); "
-          "ms per call, speedup = fp32 F.linear time / kernel time")
-    print("| layer (in x out) | format | rows | fp32 F.linear ms | " + " | ".join(
-        f"{n} ms (x)" for n in ("torch-int4", "torch-int8", "torch-dequant", "reference")) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nCPU kernels (torch {torch.__version__}, {torch.get_num_threads()} threads); ms per call; "
+          "(x) = fp32 F.linear time / kernel time")
+    columns = [("torch-int4", torch.bfloat16), ("torch-int8", torch.bfloat16), ("torch-dequant", torch.bfloat16),
+               ("torch-dequant", torch.float32), ("reference", torch.float32)]
+    print("| layer (in x out) | format | rows | fp32 F.linear | bf16 F.linear | "
+          + " | ".join(f"{n} {str(d).removeprefix('torch.')}" for n, d in columns) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(columns))
     cpu = torch.device("cpu")
     for k, n in CPU_SHAPES:
         for bits, group, act in ((4, 128, True), (8, 128, False), (8, -1, False)):
             layer = random_layer(k, n, bits, group, act)
             dense = layer.dequantized_weight()
-            kernels = {name: cls(layer, cpu, torch.float32) for name, cls in KERNELS.items()
-                       if name != "triton" and cls.supports(layer, cpu, torch.float32) is None}
+            dense16 = dense.bfloat16()
+            kernels = {(name, d): KERNELS[name](layer, cpu, d) for name, d in columns
+                       if KERNELS[name].supports(layer, cpu, d) is None}
             for rows in (1, 8, 64):
                 x = torch.randn(rows, k)
+                x16 = x.bfloat16()
                 with torch.inference_mode():
                     base = timed(lambda: F.linear(x, dense))
-                    cells = []
-                    for name in ("torch-int4", "torch-int8", "torch-dequant", "reference"):
-                        if name not in kernels or (name == "reference" and k * n > 4096 * 4096 and rows > 1):
+                    cells = [f"{base * 1e3:.3f}"]
+                    t = timed(lambda: F.linear(x16, dense16))
+                    cells.append(f"{t * 1e3:.3f} ({base / t:.2f}x)")
+                    for name, d in columns:
+                        if (name, d) not in kernels or (name == "reference" and k * n > 2**22):
                             cells.append("-")
                             continue
-                        t = timed(lambda: kernels[name](x), min_seconds=0.2)
+                        xin = x16 if d == torch.bfloat16 else x
+                        t = timed(lambda: kernels[name, d](xin), min_seconds=0.2)
                         cells.append(f"{t * 1e3:.3f} ({base / t:.2f}x)")
                 fmt = f"{bits}-bit g{group}{' act-order' if act else ''}"
-                print(f"| {k}x{n} | {fmt} | {rows} | {base * 1e3:.3f} | " + " | ".join(cells) + " |", flush=True)
+                print(f"| {k}x{n} | {fmt} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
 def bench_generate(new_tokens: int) -> None:
@@ -100,18 +109,23 @@ def bench_generate(new_tokens: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = quantize(source, GPTQConfig(bits=4, group_size=128, method="rtn", clip_search=False), Path(tmp) / "q",
                        progress=False)
-        quantized = AutoModelForCausalLM.from_pretrained(out)
-        kinds = sorted({m.kernel.name for m in quantized.modules() if isinstance(m, QuantLinear)})
+        models = {"fp32 dense": model, "bf16 dense": load_model("smollm2-135m", dtype="bfloat16")[0]}
+        for dtype in (torch.bfloat16, torch.float32):
+            m = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+            kinds = ", ".join(sorted({q.kernel.name for q in m.modules() if isinstance(q, QuantLinear)}))
+            models[f"4-bit g128, {str(dtype).removeprefix('torch.')} ({kinds})"] = m
         results = {}
-        for name, m in (("fp32", model), (f"4-bit g128 ({', '.join(kinds)})", quantized)):
+        for name, m in models.items():
             with torch.inference_mode():
                 def run():
                     m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
                 results[name] = new_tokens / timed(run, min_seconds=3.0)
-    print(f"\nGeneration, default model, greedy, {new_tokens} new tokens, batch 1 (tokens/s)")
-    base = results["fp32"]
+    print(f"\nGeneration, default model, greedy, {new_tokens} new tokens, batch 1")
+    print("| model | tokens/s | vs fp32 dense |")
+    print("|---|---|---|")
+    base = results["fp32 dense"]
     for name, tps in results.items():
-        print(f"| {name} | {tps:.1f} tok/s | {tps / base:.2f}x |")
+        print(f"| {name} | {tps:.1f} | {tps / base:.2f}x |")
 
 
 def bench_gpu() -> None:

@@ -69,7 +69,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     config = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
                         damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,
                         static_groups=args.static_groups, method=args.method, clip_search=not args.no_clip_search,
-                        calib_dtype=args.calib_dtype)
+                        calib_dtype=args.calib_dtype, lm_head=args.lm_head)
     started = time.perf_counter()
     out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
                    seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
     p.add_argument("--no-true-sequential", action="store_true")
     p.add_argument("--no-clip-search", action="store_true", help="plain min/max ranges (textbook GPTQ)")
+    p.add_argument("--lm-head", action="store_true", help="also quantize the output head (unties a tied one)")
     p.add_argument("--calib-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="dtype of the calibration forwards (auto: bfloat16 where the CPU/GPU has native bf16 matmul)")
     p.add_argument("--damp-percent", type=float, default=0.01)

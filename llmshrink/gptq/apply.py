@@ -141,6 +141,7 @@ class _Passes:
         self.batch = 0
         self.replayed: list[torch.nn.Module] = []
         self._pending = None
+        self.tuple_output = False  # whether the layer returns a tuple (hidden, ...), seen in outputs()
 
     def hessian(self, module: torch.nn.Module, block: torch.nn.Module | None = None) -> torch.Tensor:
         """Hessian of the inputs reaching `module`, each pass stopping as soon as they are seen.
@@ -200,7 +201,12 @@ class _Passes:
 
     def outputs(self) -> list[torch.Tensor]:
         outs: list[torch.Tensor] = []
-        self._run(lambda out: outs.append(out[0] if isinstance(out, tuple) else out))
+
+        def collect(out):
+            self.tuple_output = isinstance(out, tuple)
+            outs.append(out[0] if self.tuple_output else out)
+
+        self._run(collect)
         return outs
 
     def close(self) -> None:
@@ -258,14 +264,15 @@ def _needs_hessian(config: GPTQConfig) -> bool:
 
 
 def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
-                    dtype: torch.dtype = torch.float32) -> tuple[dict, dict, list]:
+                    dtype: torch.dtype = torch.float32) -> tuple[dict, dict, list, bool]:
     """Quantize one loaded (float32) layer in place: weights are replaced by their dequantized
     values and everything is cast to `dtype`, the calibration dtype, for the forwards.
 
     Linears of one step share an input, so they share one Hessian. With `true_sequential` each
     step's Hessian is taken after the steps before it were quantized; otherwise all come from the
     unquantized layer. Returns (tensors to save under `prefix`, per-module stats, the layer's
-    outputs for the calibration inputs, empty when no activations are needed)."""
+    outputs for the calibration inputs, empty when no activations are needed, and whether the
+    layer returns them in a tuple)."""
     steps = layer_linears(layer, spec)
     needs_h = _needs_hessian(config)
     masters = {name: p.data for name, p in layer.named_parameters()}  # float32, what is quantized and saved
@@ -299,7 +306,8 @@ def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
                 continue
             tensors[name] = masters[name].to(torch.float16)
             p.data = tensors[name].to(dtype)  # later layers see what is saved
-        return tensors, stats, passes.outputs() if needs_h else []
+        outputs = passes.outputs() if needs_h else []
+        return tensors, stats, outputs, passes.tuple_output
     finally:
         passes.close()
 
@@ -327,6 +335,60 @@ def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: s
             for k, v in packed.items():
                 tensors[f"{name}.{k}"] = v
             stats[prefix + name] = {"bits": mconf.bits, "loss": round(float(result.row_loss[rows].sum()), 6)}
+
+
+def _head_of(model) -> tuple[str, torch.nn.Linear] | None:
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    return next(name for name, m in model.named_modules() if m is head), head
+
+
+def _quantize_head(model, layers, final: list[tuple[torch.Tensor, dict]], config: GPTQConfig,
+                   tuple_output: bool) -> tuple[dict, dict]:
+    """Quantize the output head (lm_head) on the calibration text, after every layer is done.
+
+    Its inputs (the last layer's outputs through the final norm and whatever else the model
+    applies) come from the model's own forward with each decoder layer standing in by the saved
+    last-layer outputs. A head tied to the input embeddings is untied: the embeddings stay as
+    they are, the head gets its own quantized tensors."""
+    name, head = _head_of(model)
+    mconf = config.for_module(name)
+    if head.in_features * mconf.bits % 32 or head.out_features * mconf.bits % 32:
+        raise UsageError(f"{name} ({head.in_features}x{head.out_features}) cannot be packed at {mconf.bits} bits; "
+                         "leave lm_head off")
+    state = {"batch": 0, "H": None, "n": 0}
+
+    def stand_in(*args, **kwargs):
+        out = final[state["batch"]][0]
+        return (out,) if tuple_output else out
+
+    def hook(mod, args):
+        state["H"], state["n"] = accumulate_hessian(state["H"], state["n"], args[0])
+        raise _Stop
+
+    for layer in layers if final else []:  # plain RTN has no activations and needs none
+        layer.forward = stand_in
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for state["batch"], (hidden, kwargs) in enumerate(final):
+                ids = torch.zeros(hidden.shape[:2], dtype=torch.long)  # shapes only: the layers ignore them
+                try:
+                    model(input_ids=ids, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+        for layer in layers if final else []:
+            del layer.forward
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
+    tensors, stats = {}, {}
+    masters = {f"{name}.{k}": v.data.float() for k, v in head.named_parameters()}
+    _quantize_step([(name, head, mconf)], state["H"], masters, tensors, stats, prefix="")
+    if head.bias is not None:
+        tensors[f"{name}.bias"] = head.bias.data.to(torch.float16)
+    return tensors, stats
 
 
 def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> dict:
@@ -368,10 +430,10 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     calib_info = calib_info or {}
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-    if config.lm_head:
-        raise UsageError("lm_head quantization is not implemented yet; leave lm_head off")
     index = TensorIndex(source)
     model = _empty_model(source)
+    if config.lm_head and _head_of(model) is None:
+        raise UsageError(f"{source} has no linear output head to quantize; leave lm_head off")
     spec = arch_for(model)
     layers = decoder_layers(model, spec)
     layer_prefix = spec.layers + "."
@@ -392,12 +454,13 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     calib_info = {**calib_info, "dtype": str(dtype).removeprefix("torch.")}
     run_id = {"source": str(source.resolve()), "config": config.to_dict(), "calibration": calib_info,
               "calib_shape": list(calib.shape)}
-    done = 0
+    done, tuple_output = 0, False
     if state_file.is_file():
         state = json.loads(state_file.read_text())
         if state["run"] != run_id:
             raise UsageError(f"{partial} holds an unfinished run with other settings; delete it or use another --out")
         done = state["done_layers"]
+        tuple_output = state.get("tuple_output", False)
         logger.info("resuming after layer %d of %d", done, len(layers))
     else:
         if partial.exists():
@@ -417,23 +480,29 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         prefix = f"{layer_prefix}{i}."
         _load_into(layer, prefix, index, key_of)
         index.release()
-        tensors, stats, outputs = _quantize_layer(layer, prefix, spec, inputs, config, dtype)
+        tensors, stats, outputs, tuple_output = _quantize_layer(layer, prefix, spec, inputs, config, dtype)
         save_tensors({prefix + k: v for k, v in tensors.items()}, partial / f"layer-{i:05d}.safetensors")
         if needs_h:
             inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
             save_tensors({"hidden": torch.cat(outputs)}, partial / "inputs.safetensors")
         (partial / f"layer-{i:05d}.json").write_text(json.dumps(stats))
         tmp = state_file.with_name(".state.json.tmp")
-        tmp.write_text(json.dumps({"run": run_id, "done_layers": i + 1}))
+        tmp.write_text(json.dumps({"run": run_id, "done_layers": i + 1, "tuple_output": tuple_output}))
         os.replace(tmp, state_file)
         layer.to("meta")  # free the layer's weights
         bar.update(1)
     bar.close()
 
+    head_tensors: dict[str, torch.Tensor] = {}
+    if config.lm_head and config.for_module(_head_of(model)[0]) is not None:
+        head_tensors, head_stats = _quantize_head(model, layers, inputs, config, tuple_output)
+        all_stats.update(head_stats)
+        model.config.tie_word_embeddings = False  # the embeddings stay as they were
     tensors: dict[str, torch.Tensor] = {}
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if not name.startswith(layer_prefix) and name in key_of:
+        if not name.startswith(layer_prefix) and name in key_of and name.rsplit(".", 1)[0] + ".qweight" not in head_tensors:
             tensors[name] = p.data.to(torch.float16) if p.is_floating_point() else p.data
+    tensors.update(head_tensors)
     for i in range(len(layers)):  # left on disk until written: saving holds one tensor at a time
         layer_file = TensorIndex.of_file(partial / f"layer-{i:05d}.safetensors")
         tensors.update({key: StoredTensor(layer_file, key) for key in layer_file.keys()})

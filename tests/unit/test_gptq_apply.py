@@ -96,6 +96,27 @@ def test_bf16_calibration_is_recorded_and_as_good_as_fp32(tmp_path):
         GPTQConfig(calib_dtype="float16")
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_head_quantized_on_request(tmp_path, tied):
+    original = _save_tiny(tmp_path / "src", tie_word_embeddings=tied)
+    out = quantize_checkpoint(tmp_path / "src", GPTQConfig(bits=4, group_size=16, lm_head=True), _calib(),
+                              tmp_path / "q", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["lm_head"] is True and config["tie_word_embeddings"] is False
+    assert "lm_head.qweight" in TensorIndex(out) and "lm_head.weight" not in TensorIndex(out)
+    assert config["quantization_config"]["llmshrink"]["modules"]["lm_head"]["bits"] == 4
+    loaded = load_quantized(out)
+    assert isinstance(loaded.lm_head, QuantLinear)
+    # the input embeddings are untouched (fp16 as saved), even where the head was tied to them
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, original.model.embed_tokens.weight.half().float())
+    with torch.no_grad():
+        head = loaded.lm_head.dequantized_weight()
+        assert (head - original.lm_head.weight).abs().mean() < 0.1 * original.lm_head.weight.abs().mean()
+        x = _calib(2, 20)
+        hidden = loaded.model(x).last_hidden_state
+        torch.testing.assert_close(loaded(x).logits, hidden @ head.t(), rtol=1e-5, atol=1e-5)
+
+
 def test_same_seed_gives_a_byte_identical_checkpoint(tmp_path):
     _save_tiny(tmp_path / "src")
     cfg = GPTQConfig(bits=2, group_size=32, desc_act=True, sym=False)
