@@ -1,8 +1,8 @@
 """CPU kernels built on PyTorch's weight-only matmuls, and a dequantize-in-tiles path.
 
 PyTorch's CPU weight-only matmuls are fast for bf16 activations only (measured with torch 2.13
-on AVX512-BF16: at one row of a 4096x4096 layer, 0.55 ms int4 and 0.45 ms int8 against 4.1 ms
-for fp32 `F.linear`; with fp32 or fp16 activations the same ops take 15-16 ms, a slow fallback
+on AVX512-BF16: at one row of a 4096x4096 layer, 0.45-0.55 ms int4 and int8 against 3.5-4.1 ms
+for fp32 `F.linear`; with fp32 or fp16 activations the same ops take 10-16 ms, a slow fallback
 in torch), so they serve bf16 and fp32/fp16 models go through `torch-dequant`.
 
 - `torch-int4`: `torch._weight_int4pack_mm_for_cpu` computes x @ ((q - 8) * scale + zero_term)
@@ -47,6 +47,15 @@ def _cpu_float(device: torch.device, dtype: torch.dtype, floats=_FLOATS) -> str 
     return None
 
 
+def _fast_bf16_op(device: torch.device, dtype: torch.dtype, op: str) -> str | None:
+    """Why torch's weight-only matmul `op` cannot serve here (it is fast for bf16 only), or None."""
+    if reason := _cpu_float(device, dtype, (torch.bfloat16,)):
+        return f"{reason} (torch's {op} is slow for others)"
+    if not hasattr(torch, op):
+        return f"this torch has no {op}"
+    return None
+
+
 def _flat(x: torch.Tensor, kernel: Kernel, perm: torch.Tensor | None) -> torch.Tensor:
     x = x.reshape(-1, kernel.in_features)
     return x[:, perm] if perm is not None else x
@@ -57,10 +66,8 @@ class Int4CpuKernel(Kernel):
 
     @classmethod
     def supports(cls, layer, device, dtype):
-        if reason := _cpu_float(device, dtype, (torch.bfloat16,)):
-            return reason + " (torch's int4 matmul is slow for others)"
-        if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
-            return "this torch has no CPU int4 matmul"
+        if reason := _fast_bf16_op(device, dtype, "_weight_int4pack_mm_for_cpu"):
+            return reason
         if layer.bits > 4:
             return "codes wider than 4 bits"
         if layer.out_features % 16:
@@ -104,10 +111,8 @@ class Int8CpuKernel(Kernel):
 
     @classmethod
     def supports(cls, layer, device, dtype):
-        if reason := _cpu_float(device, dtype, (torch.bfloat16,)):
-            return reason + " (torch's int8 matmul is slow for others)"
-        if not hasattr(torch, "_weight_int8pack_mm"):
-            return "this torch has no int8 weight-only matmul"
+        if reason := _fast_bf16_op(device, dtype, "_weight_int8pack_mm"):
+            return reason
         if layer.bits != 8:
             return "8-bit codes only"
         if sorted_groups(layer.g_idx, layer.group_size) is None:
