@@ -26,12 +26,13 @@ from .cpu import Int4CpuKernel, Int8CpuKernel, TiledDequantKernel
 from .reference import ReferenceKernel
 from .triton_gptq import TritonKernel
 
-__all__ = ["Kernel", "KERNELS", "select_kernel", "prepare_kernels", "sorted_groups"]
+__all__ = ["Kernel", "KERNELS", "SLOW", "select_kernel", "prepare_kernels", "sorted_groups"]
 
 logger = logging.getLogger(__name__)
 
 KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (TritonKernel, Int4CpuKernel, Int8CpuKernel,
                                                            TiledDequantKernel, ReferenceKernel)}
+SLOW = ("torch-dequant", "reference")  # dequantize per call: correct everywhere, slower than dense
 
 
 def select_kernel(layer, device: torch.device | str, dtype: torch.dtype, override: str | None = None) -> Kernel:
@@ -59,10 +60,22 @@ def prepare_kernels(model: torch.nn.Module, device: torch.device | str | None = 
     from ..gptq.linear import QuantLinear
 
     chosen: Counter = Counter()
-    for module in model.modules():
+    slow: dict[str, str] = {}  # first slow-path module -> why the fast kernels refused it
+    for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            module.use_kernel(device or module.qweight.device, dtype or module.compute_dtype)
+            where = torch.device(device or module.qweight.device)
+            kind = dtype or module.compute_dtype
+            module.use_kernel(where, kind)
             chosen[module.kernel.name] += 1
+            if module.kernel.name in SLOW and not slow:
+                fast = [cls for cls in KERNELS.values() if cls.name not in SLOW and
+                        (cls.automatic is None or where.type in cls.automatic)]
+                slow[name] = "; ".join(f"{cls.name}: {cls.supports(module, where, kind)}" for cls in fast)
     if chosen:
         logger.info("llmshrink kernels: %s", ", ".join(f"{n} for {c} linears" for n, c in chosen.items()))
+    if slow:
+        (name, why), = slow.items()
+        logger.warning("llmshrink: %d quantized linears run on a slow dequantize path (first: %s; %s)%s",
+                       sum(c for n, c in chosen.items() if n in SLOW), name, why,
+                       "; load in bfloat16 for torch's fast CPU kernels" if "bfloat16" in why else "")
     return chosen

@@ -105,6 +105,18 @@ def test_selection_order_override_and_rebuild(monkeypatch):
     assert y.shape == (2, 192) and model(torch.zeros(0, 576)).shape == (0, 192)
 
 
+def test_loader_warns_when_no_fast_kernel_serves(caplog):
+    model = torch.nn.Sequential(make_layer(576, 192, 4, 128), make_layer(96, 64, 4, 16))
+    with caplog.at_level("WARNING", logger="llmshrink.kernels"):
+        assert prepare_kernels(model, dtype=torch.bfloat16) == {"torch-int4": 1, "torch-dequant": 1}
+    assert "1 quantized linears run on a slow dequantize path (first: 1;" in caplog.text
+    assert "torch-int4: the group size must be a multiple of 32" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llmshrink.kernels"):
+        prepare_kernels(model)  # float32: torch's int4 matmul is slow there
+    assert "2 quantized linears run on a slow dequantize path" in caplog.text and "load in bfloat16" in caplog.text
+
+
 def test_sorted_groups():
     assert sorted_groups(torch.arange(10) // 4, 4) == (None, 4)
     perm, size = sorted_groups(torch.tensor([1, 0, 1, 0]), 2)
