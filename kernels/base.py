@@ -52,8 +52,10 @@ def sorted_groups(g_idx: torch.Tensor, group_size: int) -> tuple[torch.Tensor | 
     return perm, size
 
 
-def unpacked_codes(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [out, in] int32, zeros [groups, out] int32) of a QuantLinear, on the CPU."""
+def unpacked_codes(layer, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [out, in] int32, zeros [groups, out] int32) of a QuantLinear, on the CPU; with
+    `perm` (from `sorted_groups`), the input channels are taken in that order."""
     from ..gptq.packing import unpack_gptq
 
-    return unpack_gptq(layer.qweight.cpu(), layer.qzeros.cpu(), layer.bits, in_features=layer.in_features)
+    codes, zeros = unpack_gptq(layer.qweight.cpu(), layer.qzeros.cpu(), layer.bits, in_features=layer.in_features)
+    return (codes if perm is None else codes[:, perm.cpu()]), zeros

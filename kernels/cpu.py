@@ -83,9 +83,7 @@ class Int4CpuKernel(Kernel):
         super().__init__(layer, device, dtype)
         self.perm, size = sorted_groups(layer.g_idx, layer.group_size)
         self.sub = _sub_group(size)
-        codes, zeros = unpacked_codes(layer)
-        if self.perm is not None:
-            codes = codes[:, self.perm]
+        codes, zeros = unpacked_codes(layer, self.perm)
         k = layer.in_features
         self.pad = math.ceil(k / self.sub) * self.sub - k
         codes = F.pad(codes, (0, self.pad))  # padded channels meet zero activations
@@ -122,9 +120,7 @@ class Int8CpuKernel(Kernel):
     def __init__(self, layer, device, dtype):
         super().__init__(layer, device, dtype)
         self.perm, self.size = sorted_groups(layer.g_idx, layer.group_size)
-        codes, zeros = unpacked_codes(layer)
-        if self.perm is not None:
-            codes = codes[:, self.perm]
+        codes, zeros = unpacked_codes(layer, self.perm)
         shifted = (codes - 128).to(torch.int8)
         self.chunks = [c.contiguous() for c in shifted.split(self.size, dim=1)]
         scales = layer.scales.float().cpu()
@@ -155,14 +151,12 @@ class TiledDequantKernel(Kernel):
 
     def __init__(self, layer, device, dtype):
         super().__init__(layer, device, dtype)
-        codes, zeros = unpacked_codes(layer)
         scales = layer.scales.float().cpu()
         layout = sorted_groups(layer.g_idx, layer.group_size)
-        self.perm, self.pad, self.g_idx = None, 0, None
+        self.perm, self.pad, self.g_idx = layout[0] if layout else None, 0, None
+        codes, zeros = unpacked_codes(layer, self.perm)
         if layout is not None:  # uniform groups: [out, groups, size] codes, scales broadcast per group
-            self.perm, size = layout
-            if self.perm is not None:
-                codes = codes[:, self.perm]
+            size = layout[1]
             self.pad = -layer.in_features % size
             codes = F.pad(codes, (0, self.pad)).view(layer.out_features, -1, size)
             self.scales = scales.t().to(dtype)[:, :, None].contiguous()  # [out, groups, 1]

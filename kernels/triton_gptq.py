@@ -173,8 +173,8 @@ class TritonKernel(Kernel):
         qweight, g_idx = layer.qweight, layer.g_idx
         if layout is not None and layout[0] is not None:  # act-order: sort rows by group once
             self.perm = layout[0].to(device)
-            codes, _ = unpacked_codes(layer)
-            qweight = pack_rows(codes[:, layout[0]].t().contiguous(), layer.bits)
+            codes, _ = unpacked_codes(layer, layout[0])
+            qweight = pack_rows(codes.t().contiguous(), layer.bits)
             g_idx = layer.g_idx.cpu()[layout[0]]
         self.qweight = qweight.to(device).contiguous()
         self.g_idx = g_idx.to(device=device, dtype=torch.int32).contiguous()

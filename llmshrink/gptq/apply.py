@@ -133,10 +133,13 @@ class _Passes:
     linear is, once that linear's inputs have been seen with the block's other linears already
     quantized, replayed: later passes take the (now quantized) linear applied once to the saved
     inputs instead of running the block again. Attention is then computed once per layer instead of four
-    times (Llama's true-sequential steps q/k/v, o, gate/up, down, then the output pass), and the
-    MLP's gate/up once instead of twice. The result is the same as running every pass in full."""
+    times (Llama's true-sequential steps q/k/v, o, gate/up, down, then the output pass). Blocks
+    whose last linear is wider than the hidden states (the MLP's down_proj) are not replayed: their
+    saved inputs would cost more memory than the pass saves. The result is the same as running
+    every pass in full."""
 
-    def __init__(self, layer: torch.nn.Module, inputs: list[tuple[torch.Tensor, dict]]):
+    def __init__(self, layer, inputs: list[tuple[torch.Tensor, dict]]):
+        """`layer`: the decoder layer, or any callable of (hidden, **kwargs) that runs through it."""
         self.layer, self.inputs = layer, inputs
         self.batch = 0
         self.replayed: list[torch.nn.Module] = []
@@ -147,24 +150,24 @@ class _Passes:
         """Hessian of the inputs reaching `module`, each pass stopping as soon as they are seen.
 
         With `block` (the child of the layer whose output `module` produces), the inputs are also
-        kept so that `replay(block, ...)` can stand in for the block afterwards."""
+        kept so that `replay_pending()` can stand in for the block afterwards."""
         state = {"H": None, "n": 0}
         saved: list[torch.Tensor] = []
-        shape: dict = {}
+        seen: dict = {}  # the first batch's outputs of `module` and of `block`
 
         def pre_hook(mod, args):
             state["H"], state["n"] = accumulate_hessian(state["H"], state["n"], args[0])
             if block is None:
                 raise _Stop
             saved.append(args[0])
-            if self.batch:  # the first batch runs on through the block to show its output's shape
+            if self.batch:  # the first batch runs on through the block to show how its output is built
                 raise _Stop
 
         def linear_out(mod, args, out):
-            shape["linear"] = out
+            seen["linear"] = out
 
         def block_out(mod, args, out):
-            shape["block"] = out
+            seen["block"] = out
             raise _Stop
 
         handles = [module.register_forward_pre_hook(pre_hook)]
@@ -176,7 +179,7 @@ class _Passes:
             for h in handles:
                 h.remove()
         if block is not None:
-            template = _output_template(shape.get("block"), shape.get("linear"))
+            template = _output_template(seen.get("block"), seen.get("linear"))
             self._pending = (block, module, saved, template) if template is not None else None
         return state["H"]
 
@@ -289,9 +292,7 @@ def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
             if not todo:
                 continue
             for name, mod, mconf in todo:
-                if mod.in_features * mconf.bits % 32 or mod.out_features * mconf.bits % 32:
-                    raise UsageError(f"{prefix}{name} ({mod.in_features}x{mod.out_features}) cannot be packed at "
-                                     f"{mconf.bits} bits; skip it with dynamic={{'-:{prefix}{name}': {{}}}}")
+                _check_packable(prefix + name, mod, mconf.bits, f"skip it with dynamic={{'-:{prefix}{name}': {{}}}}")
             if not needs_h:
                 H = None  # plain round-to-nearest needs no activations
             elif i in hessians:
@@ -310,6 +311,11 @@ def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
         return tensors, stats, outputs, passes.tuple_output
     finally:
         passes.close()
+
+
+def _check_packable(name: str, mod: torch.nn.Linear, bits: int, fix: str) -> None:
+    if mod.in_features * bits % 32 or mod.out_features * bits % 32:
+        raise UsageError(f"{name} ({mod.in_features}x{mod.out_features}) cannot be packed at {bits} bits; {fix}")
 
 
 def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: str) -> None:
@@ -354,38 +360,28 @@ def _quantize_head(model, layers, final: list[tuple[torch.Tensor, dict]], config
     they are, the head gets its own quantized tensors."""
     name, head = _head_of(model)
     mconf = config.for_module(name)
-    if head.in_features * mconf.bits % 32 or head.out_features * mconf.bits % 32:
-        raise UsageError(f"{name} ({head.in_features}x{head.out_features}) cannot be packed at {mconf.bits} bits; "
-                         "leave lm_head off")
-    state = {"batch": 0, "H": None, "n": 0}
+    _check_packable(name, head, mconf.bits, "leave lm_head off")
+    # token ids only give the forward its shapes: every decoder layer ignores its input
+    passes = _Passes(lambda hidden, **kwargs: model(input_ids=torch.zeros(hidden.shape[:2], dtype=torch.long),
+                                                    use_cache=False), final)
 
     def stand_in(*args, **kwargs):
-        out = final[state["batch"]][0]
+        out = final[passes.batch][0]
         return (out,) if tuple_output else out
 
-    def hook(mod, args):
-        state["H"], state["n"] = accumulate_hessian(state["H"], state["n"], args[0])
-        raise _Stop
-
-    for layer in layers if final else []:  # plain RTN has no activations and needs none
-        layer.forward = stand_in
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for state["batch"], (hidden, kwargs) in enumerate(final):
-                ids = torch.zeros(hidden.shape[:2], dtype=torch.long)  # shapes only: the layers ignore them
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-        for layer in layers if final else []:
-            del layer.forward
+    H = None  # plain RTN has no activations and needs none
+    if final:
+        for layer in layers:
+            layer.forward = stand_in
+        try:
+            H = passes.hessian(head)
+        finally:
+            for layer in layers:
+                del layer.forward
     head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
     tensors, stats = {}, {}
     masters = {f"{name}.{k}": v.data.float() for k, v in head.named_parameters()}
-    _quantize_step([(name, head, mconf)], state["H"], masters, tensors, stats, prefix="")
+    _quantize_step([(name, head, mconf)], H, masters, tensors, stats, prefix="")
     if head.bias is not None:
         tensors[f"{name}.bias"] = head.bias.data.to(torch.float16)
     return tensors, stats
