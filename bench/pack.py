@@ -1,0 +1,172 @@
+"""Lossless packing against plain zstd and ZipNN on the default model in fp32, bf16 and fp16.
+
+For each dtype a copy of the packaged model's safetensors file is made (cast from its fp32
+weights) and coded by: llmshrink pack (its default, and with ZipNN's fixed split, rot=1, as an
+ablation), plain zstd on the whole file (one frame, python zstandard, the same level), and the
+`zipnn` package's byte API (`ZipNN(input_format="byte", bytearray_dtype=...)`, what its file
+scripts call). Every decode is checked against the original's sha256.
+
+    python bench/pack.py --threads 2 --repeats 3
+
+Decode GB/s = original bytes / seconds, best of --repeats, in memory (the file is in the page
+cache); llmshrink's includes its sha256 check. "cpu s" is the process CPU time of that decode:
+on a machine shared with other work, "cpu-bound GB/s" = bytes / (cpu s / threads) estimates what
+the decoder's threads would reach on idle cores (an upper bound: it assumes perfect scaling).
+zipnn is optional: `pip install -c constraints.txt zipnn` (it builds a C extension).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import zstandard
+from safetensors.torch import load_file, save_file
+
+from llmshrink import pack_codec, resolve_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ZIPNN_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def best_of(fn, repeats: int) -> tuple[float, float, bytes | None]:
+    """(best wall seconds, CPU seconds of that run, last result) of `fn()`."""
+    best, cpu, out = float("inf"), 0.0, None
+    for _ in range(repeats):
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - t0
+        if wall < best:
+            best, cpu = wall, cpu_seconds() - c0
+    return best, cpu, out
+
+
+def ours(src: Path, digest: str, work: Path, level: int, threads: int, repeats: int,
+         rotations: range | None = None) -> dict:
+    saved = pack_codec.ROTATIONS
+    if rotations is not None:  # ablation: a fixed rotation (the reader checks it against this too)
+        pack_codec.ROTATIONS = rotations
+    try:
+        dst = work / (src.name + ".llmpack")
+        t0 = time.perf_counter()
+        info = pack_codec.encode_file(src, dst, level=level, threads=threads)
+        encode = time.perf_counter() - t0
+        assert hashlib.sha256(pack_codec.decode_file(dst, threads)).hexdigest() == digest == info["sha256"]
+
+        def decode() -> None:  # iter_decoded checks the sha256 itself: a mismatch raises
+            for _ in pack_codec.iter_decoded(dst, threads=threads):
+                pass
+
+        wall, cpu, _ = best_of(decode, repeats)
+        return {"packed": dst.stat().st_size, "encode": encode, "decode": wall, "cpu": cpu, "threads": threads}
+    finally:
+        pack_codec.ROTATIONS = saved
+
+
+def plain_zstd(data: bytes, digest: str, level: int, threads: int, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    packed = zstandard.ZstdCompressor(level=level, threads=threads).compress(data)  # one frame
+    encode = time.perf_counter() - t0
+    wall, cpu, out = best_of(lambda: zstandard.ZstdDecompressor().decompress(packed), repeats)
+    assert hashlib.sha256(out).hexdigest() == digest
+    return {"packed": len(packed), "encode": encode, "decode": wall, "cpu": cpu, "threads": 1}
+
+
+def zipnn(data: bytes, digest: str, dtype: str, threads: int, repeats: int) -> dict | str:
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return "not installed"
+    z = ZipNN(input_format="byte", bytearray_dtype=ZIPNN_DTYPE[dtype], threads=threads)
+    copy = bytearray(data)  # zipnn 0.5.4 rearranges its input buffer in place
+    t0 = time.perf_counter()
+    packed = z.compress(copy)
+    encode = time.perf_counter() - t0
+    wall, cpu, out = best_of(lambda: z.decompress(packed), repeats)
+    assert hashlib.sha256(out).hexdigest() == digest, "zipnn did not give the original bytes back"
+    return {"packed": len(packed), "encode": encode, "decode": wall, "cpu": cpu, "threads": threads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtypes", default="fp32,bf16,fp16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--level", type=int, default=pack_codec.DEFAULT_LEVEL, help="ours and plain zstd")
+    parser.add_argument("--no-zipnn", action="store_true")
+    parser.add_argument("--work", help="folder for the copies (default: a temp folder, removed after)")
+    args = parser.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="llmshrink-bench-pack-"))
+    work.mkdir(parents=True, exist_ok=True)
+    source = Path(resolve_model(args.model)) / "model.safetensors"
+    print(f"model={args.model} threads={args.threads} repeats={args.repeats} level={args.level} "
+          f"cpus={os.cpu_count()} load at start={os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    try:
+        for name in args.dtypes.split(","):
+            path = work / f"{name}.safetensors"
+            if name == "fp32":
+                shutil.copyfile(source, path)
+            else:
+                save_file({k: v.to(DTYPES[name]) for k, v in load_file(str(source)).items()}, str(path),
+                          metadata={"format": "pt"})
+            data = path.read_bytes()
+            t0 = time.perf_counter()
+            digest = hashlib.sha256(data).hexdigest()
+            print(f"{name}: sha256 of the file alone takes {time.perf_counter() - t0:.2f} s", flush=True)
+            results = {
+                f"llmshrink pack (level {args.level})": ours(path, digest, work, args.level, args.threads,
+                                                             args.repeats),
+                "llmshrink pack, fixed rot=1 (ZipNN's split)": ours(path, digest, work, args.level, args.threads,
+                                                                    args.repeats, range(1, 2)),
+                f"zstd -{args.level}, whole file": plain_zstd(data, digest, args.level, args.threads, args.repeats),
+            }
+            if not args.no_zipnn:
+                results["zipnn 0.5.4 byte API"] = zipnn(data, digest, name, args.threads, args.repeats)
+            for method, r in results.items():
+                rows.append((name, len(data), method, r))
+                if isinstance(r, str):
+                    print(f"{name} {method}: {r}", flush=True)
+                    continue
+                print(f"{name} {method}: {len(data) / r['packed']:.4f}x", flush=True)
+            path.unlink()
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nload at end={os.getloadavg()[0]:.2f}\n")
+    print("| dtype | method | original MB | packed MB | ratio | encode s | decode GB/s | decode cpu s | "
+          "cpu-bound GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, size, method, r in rows:
+        if isinstance(r, str):
+            print(f"| {name} | {method} | {size / 1e6:.1f} | {r} | | | | | |")
+            continue
+        bound = size / (r["cpu"] / r["threads"]) / 1e9  # if the decode had its threads' cores to itself
+        print(f"| {name} | {method} | {size / 1e6:.1f} | {r['packed'] / 1e6:.1f} | {size / r['packed']:.4f} | "
+              f"{r['encode']:.2f} | {size / r['decode'] / 1e9:.2f} | {r['cpu']:.2f} | {bound:.2f} |")
+    ratios = {}
+    for name, size, method, r in rows:
+        if not isinstance(r, str):
+            ratios.setdefault(name, {})[method.split(" ")[0] + (" rot1" if "rot=1" in method else "")] = r["packed"]
+    for name, packed in ratios.items():
+        if "zipnn" in packed:
+            print(f"{name}: ours / zipnn ratio = {packed['zipnn'] / packed['llmshrink']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Lossless packing of checkpoint folders: `llmshrink pack` / `llmshrink unpack`.
+
+`pack_folder` entropy-codes every safetensors file of a folder (single file or sharded, written
+by anyone) with the byte-plane + zstd codec of `llmshrink.pack_codec`; `unpack_folder` gives
+back the original files byte for byte (each checked against its sha256). A packed folder:
+
+    llmshrink_pack.json               the manifest (below)
+    <path>.safetensors.llmpack        one container per safetensors file, at the same relative path
+    everything else                   copied as is: config.json, tokenizer files, the shard index, ...
+
+    manifest = {"format": "llmshrink-pack", "version": 1, "level": zstd level used,
+                "files": {"model.safetensors": {"packed": "model.safetensors.llmpack",
+                                                "size": bytes, "sha256": hex, "packed_size": bytes}},
+                "copied": {"config.json": bytes, ...}}
+
+The original sha256 is the one the Hugging Face Hub shows for a safetensors (LFS) file. A
+manifest of a newer format version is refused with a clear message. Loaders call
+`materialize(folder)`, which decodes a packed folder once into llmshrink's cache and returns the
+plain folder there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .io import atomic_dir, cache_dir
+from .pack_codec import DEFAULT_LEVEL, FORMAT, VERSION, decode_to_file, encode_file, read_table
+
+__all__ = ["MANIFEST", "PackSummary", "pack_folder", "unpack_folder", "is_packed_folder", "materialize", "add_cli"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "llmshrink_pack.json"
+SUFFIX = ".llmpack"
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    """What a pack or unpack did: safetensors bytes before/after, whole-folder bytes, seconds."""
+
+    out: Path
+    files: int  # safetensors files coded
+    tensor_bytes: int  # original safetensors bytes
+    packed_bytes: int  # their containers' bytes
+    folder_bytes_in: int
+    folder_bytes_out: int
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.tensor_bytes / max(self.packed_bytes, 1)
+
+
+def is_packed_folder(path: str | os.PathLike) -> bool:
+    """True if `path` is a folder written by `pack_folder` (it holds llmshrink_pack.json)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _files(folder: Path) -> list[str]:
+    """Relative paths of every file under `folder`, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    s, o = src.resolve(), out.resolve()
+    if s == o or s in o.parents or o in s.parents:
+        raise UsageError(f"output {out} overlaps the input {src}; choose an --out outside it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} is a file; give a folder path for --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} exists and is not empty; choose another output folder or pass overwrite=True "
+                         "(--overwrite)")
+
+
+def _safe_name(folder: Path, name: str) -> str:
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise UsageError(f"{folder / MANIFEST} names a file outside the folder ({name!r}); it is corrupt")
+    return name
+
+
+def _copy(src: Path, out: Path, names: list[str]) -> None:
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / name, out / name)
+
+
+def pack_folder(src: str | os.PathLike, out: str | os.PathLike, level: int = DEFAULT_LEVEL, threads: int | None = None,
+                overwrite: bool = False, progress: bool = False) -> PackSummary:
+    """Losslessly compress every safetensors file of `src` into a packed folder `out`.
+
+    Args:
+        src: a checkpoint folder with at least one .safetensors file (in it or below it).
+        out: the packed folder to write (written beside, then renamed into place).
+        level: zstd level of the match-finding candidate per chunk (1-22; 0 = Huffman literals only).
+        threads: coding threads (default os.cpu_count()).
+        overwrite: replace an existing non-empty `out`.
+        progress: show a progress bar over the bytes coded.
+    Returns:
+        A PackSummary (sizes, ratio, seconds).
+    """
+    src, out = Path(src), Path(out)
+    started = time.perf_counter()
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a folder; give the checkpoint folder that holds the .safetensors files")
+    if is_packed_folder(src):
+        raise UsageError(f"{src} is already packed (it has {MANIFEST}); use 'llmshrink unpack' to restore it")
+    if not 0 <= level <= 22:
+        raise UsageError(f"level={level} is not a zstd level; use 1-22, or 0 for Huffman literals only")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads={threads}; use a positive number (default: all {os.cpu_count()} CPUs)")
+    names = _files(src)
+    coded = [n for n in names if n.endswith(".safetensors")]
+    if not coded:
+        raise UsageError(f"{src} has no .safetensors file to pack; llmshrink packs safetensors checkpoints "
+                         "(re-save the model with save_pretrained(safe_serialization=True))")
+    copied = [n for n in names if n not in coded]
+    if clash := [n for n in copied if n.endswith(SUFFIX)]:
+        raise UsageError(f"{src} already holds packed files ({clash[0]}); give the original checkpoint folder")
+    _check_out(src, out, overwrite)
+    total = sum((src / n).stat().st_size for n in coded)
+    manifest = {"format": FORMAT, "version": VERSION, "level": level, "files": {}, "copied": {}}
+    with atomic_dir(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="pack",
+                                      disable=not progress) as bar:
+        for name in coded:
+            bar.set_postfix_str(name)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            entry = encode_file(src / name, tmp / (name + SUFFIX), level=level, threads=threads, progress=bar.update)
+            manifest["files"][name] = {"packed": name + SUFFIX, **entry}
+        _copy(src, tmp, copied)
+        manifest["copied"] = {n: (src / n).stat().st_size for n in copied}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # tmp is renamed whole
+        folder_out = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    packed = sum(e["packed_size"] for e in manifest["files"].values())
+    summary = PackSummary(out, len(coded), total, packed, total + sum(manifest["copied"].values()), folder_out,
+                          time.perf_counter() - started)
+    log.info("packed %s: %d safetensors bytes -> %d (%.3fx)", src, total, packed, summary.ratio)
+    return summary
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder; give a folder written by 'llmshrink pack'")
+    if not path.is_file():
+        raise UsageError(f"{folder} is not a packed folder (no {MANIFEST}); give a folder written by 'llmshrink pack'")
+    try:
+        manifest = json.loads(path.read_text())
+        ok = manifest.get("format") == FORMAT and isinstance(manifest.get("version"), int)
+    except (ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise UsageError(f"{path} is not an llmshrink pack manifest; it may be corrupt: re-create the folder "
+                         "with 'llmshrink pack'")
+    if manifest["version"] > VERSION:
+        raise UsageError(f"{folder} was packed by a newer llmshrink (pack format version {manifest['version']}; "
+                         f"this one reads up to {VERSION}); upgrade llmshrink to unpack it")
+    return manifest
+
+
+def unpack_folder(src: str | os.PathLike, out: str | os.PathLike, threads: int | None = None,
+                  overwrite: bool = False, progress: bool = False) -> PackSummary:
+    """Restore the original checkpoint folder from a packed folder, byte for byte.
+
+    Args:
+        src: a folder written by `pack_folder`.
+        out: the folder to write (written beside, then renamed into place).
+        threads: decoding threads (default os.cpu_count()).
+        overwrite: replace an existing non-empty `out`.
+        progress: show a progress bar over the bytes decoded.
+    Returns:
+        A PackSummary (sizes, ratio, seconds).
+    Raises:
+        UsageError: a container or the manifest is missing, truncated or corrupt (nothing is written).
+    """
+    src, out = Path(src), Path(out)
+    started = time.perf_counter()
+    manifest = _read_manifest(src)
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads={threads}; use a positive number (default: all {os.cpu_count()} CPUs)")
+    _check_out(src, out, overwrite)
+    try:
+        files = {_safe_name(src, n): (_safe_name(src, e["packed"]), e) for n, e in manifest["files"].items()}
+        listed = [_safe_name(src, n) for n in manifest["copied"]]
+        total = sum(e["size"] for _, e in files.values())
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{src / MANIFEST} is malformed ({e!r}); re-create the folder with 'llmshrink pack'") from None
+    packed_names = {p for p, _ in files.values()}
+    present = [n for n in _files(src) if n != MANIFEST and n not in packed_names]
+    if missing := [n for n in [p for p, _ in files.values()] + listed if not (src / n).is_file()]:
+        raise UsageError(f"packed folder {src} is incomplete: {missing[0]} (listed in {MANIFEST}) is missing; "
+                         "copy the whole folder again")
+    packed = 0
+    with atomic_dir(out) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc="unpack",
+                                      disable=not progress) as bar:
+        for name, (packed_name, entry) in files.items():
+            bar.set_postfix_str(name)
+            table = read_table(src / packed_name)
+            if (table["size"], table["sha256"]) != (entry["size"], entry["sha256"]):
+                raise UsageError(f"{src / packed_name} does not match {MANIFEST} (size or sha256 differ); "
+                                 "the folder mixes files of two packs: re-create it with 'llmshrink pack'")
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            decode_to_file(src / packed_name, tmp / name, threads=threads, progress=bar.update)
+            packed += (src / packed_name).stat().st_size
+        _copy(src, tmp, present)
+        folder_out = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    folder_in = sum((src / n).stat().st_size for n in _files(src))
+    log.info("unpacked %s: %d -> %d safetensors bytes", src, packed, total)
+    return PackSummary(out, len(files), total, packed, folder_in, folder_out, time.perf_counter() - started)
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def _cache_key(folder: Path) -> str:
+    """sha256 of the manifest and of every other non-container file: editing config.json in a
+    packed folder gives a new cache entry instead of a stale one."""
+    manifest = _read_manifest(folder)
+    packed = {e["packed"] for e in manifest["files"].values()}
+    sha = hashlib.sha256((folder / MANIFEST).read_bytes())
+    for name in _files(folder):
+        if name != MANIFEST and name not in packed:
+            sha.update(name.encode() + b"\0")
+            sha.update(_file_sha256(folder / name).encode())
+    return sha.hexdigest()
+
+
+def materialize(path: str | os.PathLike, threads: int | None = None, progress: bool = False) -> Path:
+    """The plain checkpoint folder of a packed folder, decoded once into the cache.
+
+    Decodes into `cache_dir()/unpacked/<key>` (atomically, under a file lock, so concurrent
+    loaders decode once) and reuses it afterwards. The key hashes the manifest and the copied files.
+
+    Args:
+        path: a folder written by `pack_folder`.
+        threads: decoding threads (default os.cpu_count()).
+        progress: show a progress bar while decoding.
+    Returns:
+        The decoded folder (load it with from_pretrained like any checkpoint folder).
+    """
+    folder = Path(path)
+    out = cache_dir() / "unpacked" / _cache_key(folder)
+    if out.is_dir():  # complete: atomic_dir renames a finished folder into place
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not out.is_dir():  # another process may have finished it meanwhile
+            log.info("decoding packed checkpoint %s into %s", folder, out)
+            unpack_folder(folder, out, threads=threads, progress=progress)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    s = pack_folder(args.model, args.out, level=args.level, threads=args.threads, overwrite=args.overwrite,
+                    progress=True)
+    print(f"packed {s.files} safetensors file(s): {_mb(s.tensor_bytes)} -> {_mb(s.packed_bytes)} ({s.ratio:.3f}x); "
+          f"folder {_mb(s.folder_bytes_in)} -> {_mb(s.folder_bytes_out)}; {s.seconds:.1f} s; written to {s.out}")
+    return 0
+
+
+def _cmd_unpack(args: argparse.Namespace) -> int:
+    s = unpack_folder(args.packed, args.out, threads=args.threads, overwrite=args.overwrite, progress=True)
+    rate = s.tensor_bytes / max(s.seconds, 1e-9) / 1e9
+    print(f"unpacked {s.files} safetensors file(s): {_mb(s.packed_bytes)} -> {_mb(s.tensor_bytes)} ({s.ratio:.3f}x), "
+          f"sha256 verified; {s.seconds:.1f} s ({rate:.2f} GB/s); written to {s.out}")
+    return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
+    return int(text)
+
+
+def _level(text: str) -> int:
+    if not text.isdigit() or int(text) > 22:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a zstd level; use 1-22, or 0 for Huffman literals only")
+    return int(text)
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `pack` and `unpack` sub-commands to llmshrink's command line."""
+    p = subparsers.add_parser("pack", help="lossless compression of a safetensors checkpoint folder",
+                              description="Entropy-code every safetensors file of a folder (byte planes + zstd); "
+                                          "'llmshrink unpack' restores it byte for byte.")
+    p.add_argument("model", metavar="DIR", help="checkpoint folder (single or sharded safetensors)")
+    p.add_argument("--out", required=True, help="packed folder to write")
+    p.add_argument("--level", type=_level, default=DEFAULT_LEVEL,
+                   help=f"zstd level tried on each chunk beside Huffman-only coding; higher packs slower, "
+                        f"0 = Huffman only (default {DEFAULT_LEVEL})")
+    p.add_argument("--threads", type=_count, help="coding threads (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_pack)
+
+    p = subparsers.add_parser("unpack", help="restore a packed checkpoint folder byte for byte",
+                              description="Decode a folder written by 'llmshrink pack', checking every file's sha256.")
+    p.add_argument("packed", metavar="DIR", help="folder written by 'llmshrink pack'")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--threads", type=_count, help="decoding threads (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_unpack)
