@@ -1,6 +1,7 @@
 """llmshrink: make Hugging Face language models smaller and cheaper while keeping them good."""
 
 from .auto import AutoModelForCausalLM
+from .delta import DeltaConfig, DeltaModel, compress_delta
 from .errors import UsageError
 from .gptq.config import GPTQConfig
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 # (unless transformers' own GPTQ path can run; see llmshrink/gptq/hf.py).
 _register_with_transformers()
 
-__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "GPTQConfig", "UsageError", "load_model", "load_tokenizer",
+__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "compress_delta", "UsageError", "load_model", "load_tokenizer",
            "quantize", "resolve_model", "__version__"]

@@ -1,4 +1,8 @@
-"""`llmshrink.AutoModelForCausalLM`: loads every llmshrink output, and anything transformers loads."""
+"""`llmshrink.AutoModelForCausalLM`: loads every llmshrink output, and anything transformers loads.
+
+Packed folders (`llmshrink pack`) are decoded first (into the cache, once); then a delta folder is
+applied to its base, a GPTQ checkpoint loads into QuantLinear modules, and anything else goes to
+transformers."""
 
 from __future__ import annotations
 
@@ -12,21 +16,35 @@ __all__ = ["AutoModelForCausalLM"]
 
 
 class AutoModelForCausalLM:
-    """`from_pretrained` for plain checkpoints (via transformers) and GPTQ checkpoints (via QuantLinear)."""
+    """`from_pretrained` for plain, GPTQ, delta and packed llmshrink outputs."""
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
-                        trust_remote_code: bool = False, **kwargs):
+                        trust_remote_code: bool = False, base_model: str | os.PathLike | None = None, **kwargs):
+        """Args:
+            name: packaged name, folder or Hub id.
+            dtype: torch dtype or its name.
+            base_model: for a delta folder, where its base lives (default: the recorded name/path).
+            kwargs: passed to transformers for plain checkpoints.
+        """
         from transformers import AutoConfig
         from transformers import AutoModelForCausalLM as HFAuto
 
+        from .delta.load import is_delta_folder, load_delta_model
         from .gptq.load import is_gptq_checkpoint, load_quantized
         from .models import DTYPES, resolve_model
+        from .pack import is_packed_folder, materialize
 
         if trust_remote_code:
             raise UsageError("llmshrink never runs a model's remote code; load it with transformers yourself")
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         resolved = resolve_model(name)
+        if is_packed_folder(resolved):
+            resolved = str(materialize(resolved))
+        if is_delta_folder(resolved):
+            return load_delta_model(resolved, base_model=base_model, dtype=dtype, **kwargs)
+        if base_model is not None:
+            raise UsageError(f"base_model= is for delta folders; {name} is not one")
         try:
             config = AutoConfig.from_pretrained(resolved, trust_remote_code=False)
         except OSError as e:

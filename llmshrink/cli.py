@@ -73,7 +73,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
                    seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
-    print(f"{config.method} {config.bits}-bit g{config.group_size} checkpoint written to {out} "
+    print(f"{config.codec} {config.bits}-bit g{config.group_size} checkpoint written to {out} "
+          f"in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _cmd_delta_compress(args: argparse.Namespace) -> int:
+    import time
+
+    from .delta import DeltaConfig, compress_delta
+    from .io import folder_size
+
+    config = DeltaConfig(codec=args.method, scale_granularity=args.scale_granularity, distill_steps=args.distill_steps,
+                         distill_lr=args.distill_lr, rank=args.rank, energy=args.energy, p=args.p,
+                         min_numel=args.min_numel, exact=tuple(args.exact), exact_dtype=args.exact_dtype,
+                         exact_format=args.exact_format, seed=args.seed)
+    started = time.perf_counter()
+    out = compress_delta(args.base, args.finetuned, config, args.out, calibration=args.calib_file,
+                         nsamples=args.nsamples, seqlen=args.calib_seqlen, revision=args.revision,
+                         overwrite=args.overwrite)
+    print(f"{config.codec} delta written to {out}: {folder_size(out) / 2**20:.1f} MiB "
           f"in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -138,6 +157,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("delta", help="store a fine-tune as a compressed difference from its base",
+                       description="Delta compression of fine-tuned models.")
+    delta = p.add_subparsers(dest="delta_command", metavar="ACTION", parser_class=_Parser, required=True)
+    p = delta.add_parser("compress", help="write a delta folder (loads with llmshrink.AutoModelForCausalLM)",
+                         description="Compress FINETUNED as a delta from BASE; the folder records the base's hash.")
+    p.add_argument("--base", required=True, help="the base model: packaged name, folder or cached Hub id")
+    p.add_argument("--finetuned", required=True, help="the fine-tuned model (same architecture)")
+    p.add_argument("--out", required=True, help="delta folder to write")
+    p.add_argument("--method", choices=("bitdelta", "lowrank", "dare", "mixed"), default="bitdelta")
+    p.add_argument("--scale-granularity", choices=("tensor", "row"), default="tensor", help="bitdelta scales")
+    p.add_argument("--distill-steps", type=int, default=0, help="bitdelta scale distillation steps (default 0)")
+    p.add_argument("--distill-lr", type=float, default=1e-2)
+    p.add_argument("--rank", type=int, help="lowrank: fixed rank")
+    p.add_argument("--energy", type=float, help="lowrank: keep this share of the delta's squared norm")
+    p.add_argument("--p", type=float, default=0.9, help="dare: share of delta entries dropped (default 0.9)")
+    p.add_argument("--min-numel", type=int, default=100_000, help="smaller tensors are stored exactly")
+    p.add_argument("--exact", action="append", default=[], metavar="GLOB", help="also store these tensors exactly")
+    p.add_argument("--exact-dtype", choices=("float16", "bfloat16", "float32"), default="float32")
+    p.add_argument("--exact-format", choices=("delta", "full"), default="delta")
+    p.add_argument("--revision", help="the base's Hub revision, recorded in the delta")
+    p.add_argument("--calib-file", help="distillation text, .txt/.jsonl (default: the wiki calibration half)")
+    p.add_argument("--nsamples", type=_positive_int, default=128)
+    p.add_argument("--calib-seqlen", type=_positive_int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_delta_compress)
+
+    from .pack import add_cli as add_pack_cli
+
+    add_pack_cli(sub)  # pack, unpack
 
     p = sub.add_parser("prepare", help="convert a packaged model into the cache and print its folder",
                        description="Resolve a model name (converting the packaged GGUF once) and print its folder.")

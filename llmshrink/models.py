@@ -162,11 +162,24 @@ def _from_pretrained(loader, name: str, **kwargs):
                          f"{', '.join(PACKAGED_MODELS)}") from None
 
 
+def _tokenizer_folder(resolved: str) -> str:
+    """Where a model's tokenizer lives: a delta folder's comes from its base, a packed folder's
+    from its decoded copy."""
+    from .delta.load import is_delta_folder, locate_base, read_meta
+    from .pack import is_packed_folder, materialize
+
+    if is_packed_folder(resolved):
+        resolved = str(materialize(resolved))
+    if is_delta_folder(resolved):
+        return str(locate_base(read_meta(resolved)))
+    return resolved
+
+
 def load_tokenizer(name: str | None = None):
     """Load the tokenizer of a model given as alias, folder or Hub id."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, resolve_model(name))
+    return _from_pretrained(AutoTokenizer, _tokenizer_folder(resolve_model(name)))
 
 
 def load_model(name: str | None = None, dtype: str = "float32", device: str = "cpu"):
@@ -186,7 +199,7 @@ def load_model(name: str | None = None, dtype: str = "float32", device: str = "c
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16")
     resolved = resolve_model(name)
-    tokenizer = _from_pretrained(AutoTokenizer, resolved)
+    tokenizer = _from_pretrained(AutoTokenizer, _tokenizer_folder(resolved))
     model = _from_pretrained(AutoModelForCausalLM, resolved, dtype=DTYPES[dtype])
     model.to(device).eval()
     return model, tokenizer, resolved

@@ -1,0 +1,207 @@
+"""`llmshrink.compress_delta`: a fine-tuned model as a small compressed difference from its base.
+
+Walks the two checkpoints tensor by tensor (never both models whole in memory), encodes each
+weight's delta with the configured codec (`algorithm.py`), optionally distils the bitdelta scales
+against the fine-tuned model's logits, and writes the delta folder atomically (`load.py` has the
+format).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import register_method
+from ..errors import UsageError
+from ..io import atomic_dir
+from ..safetensors_io import TensorIndex, save_tensors
+from . import algorithm
+from .config import DeltaConfig
+from .load import DELTA_FILE, FORMAT, FORMAT_VERSION, META_FILE, tensors_sha256
+
+__all__ = ["compress_delta", "encode_tensors", "distill_scales"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _source_folder(model, tmp: str, role: str) -> tuple[Path, str]:
+    """(local folder, name to record) for a name/folder/Hub id or a loaded model."""
+    from ..models import resolve_model
+
+    if isinstance(model, torch.nn.Module):
+        folder = Path(tmp) / role
+        model.save_pretrained(folder)
+        return folder, str(getattr(model, "name_or_path", "") or folder)
+    resolved = Path(resolve_model(model))
+    if not resolved.is_dir():
+        from huggingface_hub import snapshot_download
+
+        resolved = Path(snapshot_download(str(model), local_files_only=True))
+    return resolved, str(model)
+
+
+def _check_compatible(base: Path, finetuned: Path, b: TensorIndex, f: TensorIndex) -> None:
+    cb, cf = (json.loads((p / "config.json").read_text()) for p in (base, finetuned))
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if cb.get(key) != cf.get(key):
+            raise UsageError(f"base and fine-tuned models differ in {key} ({cb.get(key)} vs {cf.get(key)}); "
+                             "a delta needs a fine-tune of this very base")
+    if set(b.keys()) != set(f.keys()):
+        only = sorted(set(b.keys()) ^ set(f.keys()))
+        raise UsageError(f"base and fine-tuned checkpoints hold different tensors (e.g. {only[0]}); "
+                         "a delta needs the same architecture on both sides")
+    for key in b.keys():
+        if b.shape(key) != f.shape(key):
+            raise UsageError(f"{key} is {list(b.shape(key))} in the base but {list(f.shape(key))} in the fine-tune; "
+                             "a delta needs the same shapes on both sides")
+
+
+def encode_tensors(base: TensorIndex, finetuned: TensorIndex, config: DeltaConfig,
+                   progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Encode every tensor's delta. Returns (checkpoint tensors `<name>.<part>`, per-name info)."""
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, dict] = {}
+    generator = torch.Generator().manual_seed(config.seed)
+    for key in tqdm(sorted(base.keys()), desc=f"delta ({config.codec})", unit="tensor", disable=not progress):
+        b, f = base.get(key), finetuned.get(key)
+        shape = list(b.shape)
+        if not (b.is_floating_point() and f.is_floating_point()):
+            if not torch.equal(b, f):
+                raise UsageError(f"{key} is an integer tensor that differs between base and fine-tune; "
+                                 "deltas of non-float tensors are not supported")
+            info[key] = {"kind": "zero", "shape": shape}
+            continue
+        delta = f.float() - b.float()
+        if not delta.any():
+            parts, kind = {}, "zero"
+        elif config.stores_exactly(key, tuple(shape)):
+            kind = "full" if config.exact_format == "full" else "exact"
+            parts = {kind: (f if kind == "full" else delta).to(_DTYPES[config.exact_dtype])}
+        elif config.codec == "bitdelta":
+            kind, parts = "bitdelta", algorithm.bitdelta(delta, config.scale_granularity)
+        elif config.codec == "lowrank":
+            kind, parts = "lowrank", algorithm.lowrank(delta, config.rank, config.energy)
+        elif config.codec == "dare":
+            kind, parts = "dare", algorithm.dare(delta, config.p, generator)
+        else:
+            kind, parts = "mixed", algorithm.mixed(delta, config.mixed_ranks, config.mixed_bits)
+        info[key] = {"kind": kind, "shape": shape}
+        tensors.update({f"{key}.{part}": t.contiguous() for part, t in parts.items()})
+    return tensors, info
+
+
+def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str, torch.Tensor], info: dict[str, dict],
+                   calib: torch.Tensor, steps: int, lr: float, batch_size: int = 4, progress: bool = True) -> dict:
+    """BitDelta's scale distillation: train only the bitdelta scales (as log multipliers of their
+    initial mean |delta|) so the base + delta model's logits match the fine-tuned model's
+    (KL divergence on calibration windows). Updates `tensors[<name>.scale]` in place.
+
+    Returns {"steps", "kl_first", "kl_last"} (mean KL of the first and last 10% of steps)."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(finetuned_folder, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = dict(student.named_parameters(remove_duplicate=False))
+    keys = [k for k, v in info.items() if v["kind"] == "bitdelta"]
+    signs = {k: algorithm.signs(tensors[f"{k}.sign"], info[k]["shape"][1]) for k in keys}  # [out, in] of +-1
+    scale0 = {k: tensors[f"{k}.scale"].clone() for k in keys}
+    log_m = {k: torch.zeros_like(scale0[k], requires_grad=True) for k in keys}
+    opt = torch.optim.Adam(log_m.values(), lr=lr)
+    losses = []
+    bar = tqdm(range(steps), desc="distil scales", unit="step", disable=not progress)
+    for step in bar:
+        rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(calib)
+        ids = calib[rows]
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(ids).logits.float(), dim=-1)
+        weights = {k: params[k] + scale0[k] * log_m[k].exp() * signs[k] for k in keys}
+        logits = torch.func.functional_call(student, weights, (ids,), tie_weights=True).logits
+        loss = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1), target.flatten(0, 1),
+                                          log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(kl=f"{loss.item():.4f}")
+    for k in keys:
+        tensors[f"{k}.scale"] = (scale0[k] * log_m[k].detach().exp()).float()
+    tail = max(1, steps // 10)
+    return {"steps": steps, "kl_first": sum(losses[:tail]) / tail, "kl_last": sum(losses[-tail:]) / tail}
+
+
+@register_method(DeltaConfig)
+def compress_delta(base, finetuned, config: DeltaConfig, out: str | os.PathLike,
+                   calibration: str | torch.Tensor | None = None, nsamples: int = 128, seqlen: int = 256,
+                   revision: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Store `finetuned` as a compressed delta from `base` in the folder `out`.
+
+    Args:
+        base, finetuned: packaged names, folders or Hub ids (read tensor by tensor), or loaded models.
+        config: a DeltaConfig.
+        out: delta folder to write (atomically).
+        calibration: text for bitdelta scale distillation: None for the wiki calibration half, a
+            .txt/.jsonl path, or [n, seqlen] token ids. Unused without distillation.
+        nsamples, seqlen: calibration windows drawn from the text (seeded by config.seed).
+        revision: the base's Hub revision, recorded in the identity.
+        overwrite: replace an existing non-empty `out`.
+    Returns:
+        The delta folder.
+    """
+    if not isinstance(config, DeltaConfig):
+        raise UsageError(f"compress_delta takes a DeltaConfig, not {type(config).__name__}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} exists and is not empty; choose another output folder or pass overwrite=True (--overwrite)")
+    with tempfile.TemporaryDirectory(prefix="llmshrink-delta-") as tmp:
+        base_folder, base_name = _source_folder(base, tmp, "base")
+        ft_folder, ft_name = _source_folder(finetuned, tmp, "finetuned")
+        b, f = TensorIndex(base_folder), TensorIndex(ft_folder)
+        _check_compatible(base_folder, ft_folder, b, f)
+        if config.codec == "lowrank" and config.rank is not None:
+            small = [k for k in b.keys() if not config.stores_exactly(k, b.shape(k)) and min(b.shape(k)) < config.rank]
+            if small:
+                raise UsageError(f"rank={config.rank} is larger than {small[0]} {list(b.shape(small[0]))} allows; "
+                                 f"use rank <= {min(b.shape(small[0]))} or an energy threshold")
+        tensors, info = encode_tensors(b, f, config, progress)
+        b.release()
+        f.release()
+        distill = None
+        if config.codec == "bitdelta" and config.distill_steps > 0:
+            calib = _calibration(base_folder, calibration, nsamples, seqlen, config.seed)
+            distill = distill_scales(base_folder, ft_folder, tensors, info, calib, config.distill_steps,
+                                     config.distill_lr, progress=progress)
+            logger.info("scale distillation: KL %.4f -> %.4f", distill["kl_first"], distill["kl_last"])
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "base": {"name": base_name, "path": str(base_folder.resolve()), "revision": revision,
+                     "sha256": tensors_sha256(base_folder)},
+            "finetuned": {"name": ft_name, "sha256": tensors_sha256(ft_folder)},
+            "distill": distill,
+            "tensors": info,
+        }
+        with atomic_dir(out) as staging:
+            save_tensors(tensors, staging / DELTA_FILE, metadata={"format": "pt", "llmshrink": FORMAT})
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2, default=list) + "\n")
+            config_json = json.loads((ft_folder / "config.json").read_text())
+            (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    return out
+
+
+def _calibration(folder: Path, calibration, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        return calibration.long()
+    from ..calibration import calibration_windows
+    from ..models import load_tokenizer
+
+    return calibration_windows(load_tokenizer(str(folder)), calibration or "wiki", nsamples, seqlen, seed)

@@ -1,0 +1,159 @@
+"""The delta folder format, the base model's identity, and loading a delta back into a model.
+
+A delta folder holds:
+- `delta.safetensors`: per compressed weight `<name>.<part>` tensors (see `algorithm.py`):
+  bitdelta `sign` + `scale`, lowrank `u` + `v`, dare `mask` + `values`, mixed `u<k>`, `v<k>` and
+  their scales; exactly-stored tensors as `<name>.exact` (F - B) or `<name>.full` (F).
+- `llmshrink_delta.json`: format version, the DeltaConfig, the base's identity (name as given,
+  resolved path, revision, and a sha256 over its tensors), and per tensor its kind and shape.
+- `config.json`: the fine-tuned model's config (so the folder is self-describing).
+Tokenizer files are not copied: they come from the base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from ..safetensors_io import TensorIndex
+from .algorithm import decode
+
+__all__ = ["DELTA_FILE", "META_FILE", "FORMAT_VERSION", "is_delta_folder", "read_meta", "tensors_sha256",
+           "locate_base", "read_delta", "apply_delta", "load_delta_model"]
+
+logger = logging.getLogger(__name__)
+
+DELTA_FILE = "delta.safetensors"
+META_FILE = "llmshrink_delta.json"
+FORMAT = "llmshrink-delta"
+FORMAT_VERSION = 1
+
+
+def is_delta_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} is not a readable delta description ({e}); re-create the delta") from None
+    if meta.get("format") != FORMAT:
+        raise UsageError(f"{path} is not an llmshrink delta (format {meta.get('format')!r})")
+    if not isinstance(meta.get("version"), int) or meta["version"] > FORMAT_VERSION:
+        raise UsageError(f"{path} is delta format version {meta.get('version')}, newer than this llmshrink "
+                         f"reads ({FORMAT_VERSION}); upgrade llmshrink")
+    return meta
+
+
+def tensors_sha256(folder: str | os.PathLike) -> str:
+    """sha256 over a checkpoint's tensors (name, dtype, shape, bytes, in name order): the same for
+    a model however it is sharded, different for any change to any value."""
+    index = TensorIndex(folder)
+    h = hashlib.sha256()
+    for key in sorted(index.keys()):
+        t = index.get(key)
+        h.update(f"{key}\0{index.dtype_name(key)}\0{list(t.shape)}\0".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    index.release()
+    return h.hexdigest()
+
+
+def locate_base(meta: dict, base_model: str | os.PathLike | None = None) -> Path:
+    """The base's local folder: `base_model` if given, else the recorded name, else the recorded path."""
+    from huggingface_hub import snapshot_download
+
+    from ..models import resolve_model
+
+    recorded = meta["base"]
+    tries = [str(base_model)] if base_model is not None else [recorded.get("name"), recorded.get("path")]
+    for name in [t for t in tries if t]:
+        try:
+            resolved = Path(resolve_model(name)) if not Path(name).is_file() else None
+        except UsageError:
+            continue
+        if resolved is not None and resolved.is_dir():
+            return resolved
+        try:  # a Hub id: only from the local cache, at the recorded revision
+            return Path(snapshot_download(name, revision=recorded.get("revision"), local_files_only=True))
+        except (OSError, ValueError) as e:  # not in the cache, or not a valid id: reported below
+            logger.debug("base %s not in the Hub cache: %s", name, e)
+    where = base_model if base_model is not None else f"{recorded.get('name')} (recorded path {recorded.get('path')})"
+    raise UsageError(f"the delta's base model {where} cannot be found; pass base_model=/path/to/base "
+                     f"(--base-model on the command line) pointing at the base it was made from")
+
+
+def read_delta(folder: str | os.PathLike) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(meta, {weight name: {part: tensor}}) of a delta folder."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if not (folder / DELTA_FILE).is_file():
+        raise UsageError(f"{folder} has no {DELTA_FILE}; the delta folder is incomplete, re-create it")
+    index = TensorIndex.of_file(folder / DELTA_FILE)
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in meta["tensors"]}
+    for key in index.keys():
+        name, part = key.rsplit(".", 1)
+        if name not in parts:
+            raise UsageError(f"{folder / DELTA_FILE} holds {key}, which {META_FILE} does not list; re-create the delta")
+        parts[name][part] = index.get(key)
+    return meta, parts
+
+
+def _params_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def apply_delta(model: torch.nn.Module, meta: dict, parts: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
+    """Add the decoded delta to the base model's weights, in place (fp32 arithmetic)."""
+    from ..arch import checkpoint_names
+
+    params = _params_by_name(model)
+    names = checkpoint_names(model, list(meta["tensors"]))
+    bits = tuple(meta["config"].get("mixed_bits", ()))
+    with torch.no_grad():
+        for key, info in meta["tensors"].items():
+            param = params.get(names[key])
+            if param is None or list(param.shape) != info["shape"]:
+                raise UsageError(f"the delta's {key} {info['shape']} has no match in the base model; "
+                                 "this delta was made for another architecture")
+            kind, p = info["kind"], parts[key]
+            if kind == "zero":
+                continue
+            if kind == "full":
+                param.copy_(p["full"])
+            elif kind == "exact":
+                param.copy_((param.float() + p["exact"].float()).to(param.dtype))
+            else:
+                param.copy_((param.float() + decode(kind, p, tuple(info["shape"]), bits)).to(param.dtype))
+    return model
+
+
+def check_base(meta: dict, base_folder: Path) -> None:
+    """A clear error, naming both hashes, when the base found is not the one the delta was made from."""
+    expected = meta["base"]["sha256"]
+    found = tensors_sha256(base_folder)
+    if found != expected:
+        raise UsageError(f"base model {base_folder} has tensor sha256 {found[:16]}..., but the delta was made from "
+                         f"{meta['base'].get('name')} with sha256 {expected[:16]}...; pass the right base with "
+                         "base_model= (--base-model)")
+
+
+def load_delta_model(folder: str | os.PathLike, base_model: str | os.PathLike | None = None,
+                     dtype: torch.dtype = torch.float32, **kwargs):
+    """Find the base, check its hash, apply the delta and return a normal transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    meta, parts = read_delta(folder)
+    base = locate_base(meta, base_model)
+    check_base(meta, base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False, **kwargs)
+    apply_delta(model, meta, parts)
+    model.name_or_path = str(folder)
+    return model.to(dtype)

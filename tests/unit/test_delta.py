@@ -1,0 +1,262 @@
+"""Delta compression: the codecs' math, the 1-bit kernel, the folder format, loading and serving."""
+
+import json
+
+import pytest
+import torch
+
+from llmshrink import UsageError
+from llmshrink.delta import DeltaConfig, DeltaModel, compress_delta, load_delta_model
+from llmshrink.delta import algorithm as A
+from llmshrink.delta.load import META_FILE, read_delta, tensors_sha256
+
+from conftest import tiny_llama
+
+
+# ---- pure math -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 70])
+def test_bits_pack_and_unpack_exactly(n):
+    bits = torch.rand(5, n, generator=torch.Generator().manual_seed(n)) > 0.5
+    words = A.pack_bits(bits)
+    assert words.dtype == torch.int32 and words.shape == (5, -(-n // 32))
+    assert torch.equal(A.unpack_bits(words, n), bits)
+
+
+def test_bitdelta_scale_is_the_l2_optimal_one():
+    d = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    parts = A.bitdelta(d)
+    assert torch.allclose(parts["scale"], d.abs().mean().reshape(1))
+    err = lambda s: (A.signs(parts["sign"], 48) * s - d).norm()  # noqa: E731
+    s = parts["scale"]
+    assert err(s) < err(s * 1.05) and err(s) < err(s * 0.95)
+    assert torch.equal(A.decode("bitdelta", parts, (64, 48)).sign(), torch.where(d >= 0, 1.0, -1.0))
+    rows = A.bitdelta(d, "row")
+    assert rows["scale"].shape == (64, 1)
+    assert (A.decode("bitdelta", rows, (64, 48)) - d).norm() < (A.decode("bitdelta", parts, (64, 48)) - d).norm()
+
+
+def test_lowrank_rank_and_energy():
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)  # rank 3
+    parts = A.lowrank(d, rank=3)
+    assert parts["u"].shape == (40, 3) and parts["v"].shape == (3, 30)
+    assert torch.allclose(A.decode("lowrank", parts, (40, 30)), d, atol=2e-2 * d.abs().max())
+    assert A.lowrank(d, energy=0.999999)["u"].shape[1] == 3  # the fewest directions holding the energy
+    assert A.lowrank(d, energy=1e-6)["u"].shape[1] == 1
+    with pytest.raises(UsageError, match="rank=31 is larger"):
+        A.lowrank(d, rank=31)
+
+
+def test_dare_drops_share_p_and_rescales_the_rest():
+    d = torch.randn(200, 100, generator=torch.Generator().manual_seed(2))
+    parts = A.dare(d, 0.75, torch.Generator().manual_seed(0))
+    dense = A.decode("dare", parts, (200, 100))
+    kept = dense != 0
+    assert abs(kept.float().mean().item() - 0.25) < 0.01
+    assert torch.allclose(dense[kept], (d[kept] / 0.25).half().float())
+    assert torch.allclose(A.decode("dare", A.dare(d, 0.0, torch.Generator()), (200, 100)), d.half().float())
+
+
+def test_mixed_bands_top_directions_get_more_bits():
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(64, 8, generator=g) @ torch.randn(8, 96, generator=g)
+    errors = [(A.decode("mixed", A.mixed(d, ranks, bits), (64, 96), bits) - d).norm() / d.norm()
+              for ranks, bits in (((2,), (8,)), ((2, 6), (8, 3)), ((8,), (8,)))]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 0.02  # every direction kept at 8 bits: only rounding error
+
+
+@pytest.mark.parametrize("kind", ["bitdelta", "lowrank", "dare", "mixed"])
+def test_matmul_and_rows_from_the_compact_form_match_the_dense_delta(kind):
+    g = torch.Generator().manual_seed(4)
+    d = torch.randn(50, 70, generator=g)
+    parts = {"bitdelta": lambda: A.bitdelta(d, "row"), "lowrank": lambda: A.lowrank(d, rank=10),
+             "dare": lambda: A.dare(d, 0.5, g), "mixed": lambda: A.mixed(d, (2, 8), (8, 3))}[kind]()
+    dense = A.decode(kind, parts, (50, 70), (8, 3))
+    x = torch.randn(3, 4, 70, generator=g)
+    torch.testing.assert_close(A.delta_matmul(x, kind, parts, (50, 70), (8, 3)), x @ dense.t(), rtol=1e-4, atol=1e-4)
+    ids = torch.tensor([[0, 7], [49, 7]])
+    torch.testing.assert_close(A.delta_rows(ids, kind, parts, (50, 70), (8, 3)), dense[ids], rtol=1e-5, atol=1e-5)
+
+
+# ---- the 1-bit kernel ----------------------------------------------------------------------------
+
+def _sign_case(rows, out, n, per_row, dtype, device):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    d = torch.randn(out, n, generator=g)
+    parts = A.bitdelta(d, "row" if per_row else "tensor")
+    x = torch.randn(rows, n, generator=g).to(dtype)
+    expected = (x.float() @ A.decode("bitdelta", parts, (out, n)).t()).to(dtype)
+    return x.to(device), parts["sign"].to(device), parts["scale"].to(device), expected
+
+
+@pytest.mark.parametrize("rows,out,n", [(1, 64, 96), (5, 100, 70), (17, 33, 256)])
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sign_matmul_kernels_match_the_dense_delta(rows, out, n, per_row, dtype):
+    from llmshrink.kernels.onebit import sign_matmul_reference, sign_matmul_triton
+
+    x, words, scale, expected = _sign_case(rows, out, n, per_row, dtype, "cpu")
+    tol = dict(rtol=2e-2, atol=2e-2 * expected.float().abs().max().item()) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sign_matmul_reference(x, words, scale, n), expected, **tol)
+    torch.testing.assert_close(sign_matmul_triton(x, words, scale, n), expected, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,out,n", [(1, 4096, 4096), (16, 1000, 576), (256, 512, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sign_matmul_triton_on_cuda(rows, out, n, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from llmshrink.kernels.onebit import sign_matmul
+
+    x, words, scale, expected = _sign_case(rows, out, n, True, dtype, "cuda")
+    torch.testing.assert_close(sign_matmul(x, words, scale, n).cpu().float(), expected.float(),
+                               rtol=2e-2, atol=2e-2 * expected.float().abs().max().item())
+
+
+# ---- configs -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(codec="zip"), "codec='zip' is not known"),
+    (dict(p=1.0), r"p=1.0 must be in \[0, 1\)"),
+    (dict(p=-0.1), r"p=-0.1 must be in \[0, 1\)"),
+    (dict(codec="lowrank"), "exactly one of rank"),
+    (dict(codec="lowrank", rank=0), "rank=0 must be >= 1"),
+    (dict(codec="lowrank", energy=1.5), "energy=1.5"),
+    (dict(mixed_ranks=(2, 4), mixed_bits=(8,)), "same, non-zero length"),
+    (dict(exact_dtype="int8"), "exact_dtype='int8'"),
+])
+def test_bad_delta_configs_name_the_field(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        DeltaConfig(**kwargs)
+
+
+def test_delta_config_round_trips():
+    config = DeltaConfig(codec="mixed", mixed_ranks=(4, 8), mixed_bits=(8, 2), exact=("*embed*",))
+    assert DeltaConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+# ---- folders: compress -> load, serve, bad input -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A tiny base and a 'fine-tune' whose delta is noise plus a low-rank part, saved as folders."""
+    root = tmp_path_factory.mktemp("pair")
+    base, ft = tiny_llama(seed=0), tiny_llama(seed=0)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in ft.parameters():
+            if p.dim() == 2:
+                p.add_(0.01 * torch.randn(p.shape, generator=g)
+                       + 0.02 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g))
+            else:
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    base.save_pretrained(root / "base")
+    ft.save_pretrained(root / "ft")
+    return root, base, ft
+
+
+CASES = [
+    DeltaConfig(codec="bitdelta", min_numel=1000),
+    DeltaConfig(codec="bitdelta", min_numel=1000, scale_granularity="row", distill_steps=3),
+    DeltaConfig(codec="lowrank", rank=2, min_numel=1000),
+    DeltaConfig(codec="dare", p=0.0, min_numel=1000),
+    DeltaConfig(codec="mixed", mixed_ranks=(2,), mixed_bits=(8,), min_numel=1000),
+    DeltaConfig(codec="lowrank", energy=0.5, min_numel=1000, exact=("*embed_tokens*",), exact_format="full"),
+]
+
+
+@pytest.mark.parametrize("config", CASES, ids=lambda c: c.codec)
+def test_compress_load_and_serve_agree(pair, tmp_path, config):
+    root, base, ft = pair
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = compress_delta(root / "base", root / "ft", config, tmp_path / "d", progress=False,
+                         calibration=torch.randint(0, 96, (4, 12)))
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["base"]["sha256"] == tensors_sha256(root / "base") and meta["config"]["codec"] == config.codec
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "delta.safetensors", META_FILE]
+    loaded = load_delta_model(out)
+    with torch.no_grad():
+        got, want, before = loaded(ids).logits, ft(ids).logits, base(ids).logits
+        assert (got - want).pow(2).mean() < (before - want).pow(2).mean()  # closer to the fine-tune than the base is
+        if config.codec == "dare":  # p=0: every entry kept, in fp16
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * want.abs().max().item())
+        kinds = {v["kind"] for v in meta["tensors"].values()}
+        assert "exact" in kinds or "full" in kinds  # norms are tiny: stored exactly
+        served = DeltaModel(root / "base")
+        served.add("ft", out)
+        with served.use("ft"):
+            torch.testing.assert_close(served(ids).logits, got, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(served(ids).logits, before, rtol=0, atol=0)  # base restored exactly
+
+
+def test_delta_model_switches_between_fine_tunes_without_copying_the_base(pair, tmp_path):
+    root, base, ft = pair
+    a = compress_delta(root / "base", root / "ft", DeltaConfig(min_numel=1000), tmp_path / "a", progress=False)
+    b = compress_delta(root / "base", root / "ft", DeltaConfig(codec="lowrank", rank=2, min_numel=1000),
+                       tmp_path / "b", progress=False)
+    served = DeltaModel(root / "base")
+    pointers = {n: p.data_ptr() for n, p in served.model.named_parameters()}
+    served.add("a", a)
+    served.add("b", b)
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = {}
+        for name in ("a", "b", None, "a"):
+            served.set_active(name)
+            outs.setdefault(name, []).append(served(ids).logits)
+        torch.testing.assert_close(outs["a"][0], outs["a"][1], rtol=0, atol=0)
+        torch.testing.assert_close(outs["a"][0], load_delta_model(a)(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(outs["b"][0], load_delta_model(b)(ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(outs[None][0], base(ids).logits, rtol=0, atol=0)
+    assert sorted(p.data_ptr() for p in served.model.parameters()) == sorted(set(pointers.values()))  # nothing copied
+    out = served.generate(ids, max_new_tokens=3, do_sample=False, delta="b")
+    assert out.shape == (1, 13) and served.active == "a"  # per-call choice; the active one is restored
+    with pytest.raises(UsageError, match="no delta named 'c'"):
+        served.set_active("c")
+
+
+def test_wrong_or_missing_base_is_a_clear_error(pair, tmp_path):
+    root, _, _ = pair
+    out = compress_delta(root / "base", root / "ft", DeltaConfig(min_numel=1000), tmp_path / "d", progress=False)
+    with pytest.raises(UsageError, match=r"sha256 .*\.\.\., but the delta was made from .* sha256 .*base_model="):
+        load_delta_model(out, base_model=root / "ft")
+    meta = json.loads((out / META_FILE).read_text())
+    meta["base"].update(name=str(tmp_path / "gone"), path=str(tmp_path / "gone"))
+    (out / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="cannot be found; pass base_model="):
+        load_delta_model(out)
+    load_delta_model(out, base_model=root / "base")  # the override finds it
+    from llmshrink import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out, base_model=root / "base").config.num_hidden_layers == 2
+
+
+def test_mismatched_models_fail_before_writing(pair, tmp_path):
+    root, _, _ = pair
+    tiny_llama(layers=3).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(UsageError, match="differ in num_hidden_layers"):
+        compress_delta(root / "base", tmp_path / "deeper", DeltaConfig(), tmp_path / "d", progress=False)
+    with pytest.raises(UsageError, match="rank=40 is larger than"):
+        compress_delta(root / "base", root / "ft", DeltaConfig(codec="lowrank", rank=40, min_numel=1000),
+                       tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d.tmp*"))
+
+
+def test_cli_delta_compress(pair, tmp_path, capsys):
+    from llmshrink.cli import main
+
+    root, _, _ = pair
+    out = tmp_path / "cli"
+    assert main(["delta", "compress", "--base", str(root / "base"), "--finetuned", str(root / "ft"),
+                 "--out", str(out), "--method", "lowrank", "--rank", "2", "--min-numel", "1000"]) == 0
+    assert "lowrank delta written to" in capsys.readouterr().out
+    assert read_delta(out)[0]["config"]["rank"] == 2
+    assert main(["delta", "compress", "--base", str(root / "base"), "--finetuned", str(root / "ft"),
+                 "--out", str(tmp_path / "x"), "--method", "dare", "--p", "1.5"]) == 2
+    assert "p=1.5 must be in [0, 1)" in capsys.readouterr().err
+    assert main(["delta", "compress", "--base", str(root / "base"), "--finetuned", str(root / "ft"),
+                 "--out", str(out)]) == 2  # exists, not empty
+    assert "is not empty" in capsys.readouterr().err
