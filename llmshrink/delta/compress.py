@@ -23,6 +23,7 @@ from ..io import atomic_dir
 from ..safetensors_io import TensorIndex, save_tensors
 from . import algorithm
 from .config import DeltaConfig
+from .hf import LlmshrinkDeltaConfig
 from .load import DELTA_FILE, FORMAT, FORMAT_VERSION, META_FILE, tensors_sha256
 
 __all__ = ["compress_delta", "encode_tensors", "distill_scales"]
@@ -193,8 +194,8 @@ def compress_delta(base, finetuned, config: DeltaConfig, out: str | os.PathLike,
         with atomic_dir(out) as staging:
             save_tensors(tensors, staging / DELTA_FILE, metadata={"format": "pt", "llmshrink": FORMAT})
             (staging / META_FILE).write_text(json.dumps(meta, indent=2, default=list) + "\n")
-            config_json = json.loads((ft_folder / "config.json").read_text())
-            (staging / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+            finetuned_config = json.loads((ft_folder / "config.json").read_text())
+            LlmshrinkDeltaConfig(finetuned_config=finetuned_config, base_model=base_name).save_pretrained(staging)
     return out
 
 

@@ -6,7 +6,8 @@ A delta folder holds:
   their scales; exactly-stored tensors as `<name>.exact` (F - B) or `<name>.full` (F).
 - `llmshrink_delta.json`: format version, the DeltaConfig, the base's identity (name as given,
   resolved path, revision, and a sha256 over its tensors), and per tensor its kind and shape.
-- `config.json`: the fine-tuned model's config (so the folder is self-describing).
+- `config.json`: `model_type: llmshrink_delta`, the fine-tuned model's config under
+  `finetuned_config` (see `hf.py`: plain transformers loads the folder after `import llmshrink`).
 Tokenizer files are not copied: they come from the base.
 """
 

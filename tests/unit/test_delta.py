@@ -260,3 +260,25 @@ def test_cli_delta_compress(pair, tmp_path, capsys):
     assert main(["delta", "compress", "--base", str(root / "base"), "--finetuned", str(root / "ft"),
                  "--out", str(out)]) == 2  # exists, not empty
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_plain_transformers_loads_a_delta_folder_after_import_llmshrink(pair, tmp_path):
+    import subprocess
+    import sys
+
+    root, _, ft = pair
+    out = compress_delta(root / "base", root / "ft", DeltaConfig(codec="dare", p=0.0, min_numel=1000), tmp_path / "d",
+                         progress=False)
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(2))
+    code = (f"import torch, transformers, llmshrink\n"
+            f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+            f"print(type(m).__name__, m(torch.tensor({ids.tolist()})).logits.abs().sum().item())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    name, total = result.stdout.split()
+    assert name == "LlamaForCausalLM"
+    with torch.no_grad():
+        assert abs(float(total) - ft(ids).logits.abs().sum().item()) < 1e-2 * float(total)
+    # without llmshrink, transformers names the unknown model type
+    bare = subprocess.run([sys.executable, "-c", f"import transformers; transformers.AutoModelForCausalLM."
+                           f"from_pretrained({str(out)!r})"], capture_output=True, text=True)
+    assert bare.returncode != 0 and "llmshrink_delta" in bare.stderr
