@@ -10,7 +10,9 @@ against fp32 `F.linear` on the dense weight (and bf16 `F.linear` for reference),
 greedily, fp32 (and bf16) dense against its 4-bit g128 checkpoint (RTN: the weights' format is
 what matters for speed) loaded in bf16 and in fp32, tokens/s.
 GPU (when CUDA is there): the Triton kernel (4-bit g128) against fp16 `F.linear` (cuBLAS) at
-rows 1/16/64/256 on 4096x4096, 4096x14336, 8192x28672, with device, torch and triton versions.
+rows 1/16/64/256 on 4096x4096, 4096x14336, 8192x28672, with device, torch and triton versions;
+and the 1-bit delta kernel (`scale * (x @ sign.T)`, `--onebit`, also on CPU) against the same
+dense matmul, i.e. the extra cost of serving a bitdelta beside the base.
 Ratios are dense time / kernel time: above 1 means the kernel is faster.
 """
 
@@ -149,17 +151,47 @@ def bench_gpu() -> None:
             print(f"| {k}x{n} | {rows} | {base * 1e3:.4f} | {t * 1e3:.4f} | {base / t:.2f}x |", flush=True)
 
 
+def bench_onebit(device: torch.device) -> None:
+    from llmshrink.delta.algorithm import bitdelta
+    from llmshrink.kernels.onebit import sign_matmul
+
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    shapes, row_set = (GPU_SHAPES, (1, 16, 64, 256)) if cuda else (CPU_SHAPES, (1, 8, 64))
+    print(f"\n1-bit delta kernel on {torch.cuda.get_device_name() if cuda else 'CPU'} ({dtype}); "
+          f"speedup = dense {dtype} F.linear time / sign_matmul time")
+    print("| layer (in x out) | rows | dense ms | 1-bit ms | speedup |")
+    print("|---|---|---|---|---|")
+    for k, n in shapes:
+        delta = torch.randn(n, k)
+        parts = {name: t.to(device) for name, t in bitdelta(delta, "row").items()}
+        dense = delta.to(device, dtype)
+        del delta
+        for rows in row_set:
+            x = torch.randn(rows, k, device=device, dtype=dtype)
+            base = timed(lambda: F.linear(x, dense), cuda=cuda)
+            t = timed(lambda: sign_matmul(x, parts["sign"], parts["scale"], k), cuda=cuda)
+            print(f"| {k}x{n} | {rows} | {base * 1e3:.4f} | {t * 1e3:.4f} | {base / t:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--onebit", action="store_true", help="also the 1-bit delta kernel (always on CUDA)")
+    parser.add_argument("--only-onebit", action="store_true", help="only the 1-bit delta kernel")
     args = parser.parse_args()
     print(" ".join(sys.argv))
-    bench_cpu()
-    if not args.skip_generate:
-        bench_generate(args.new_tokens)
+    if not args.only_onebit:
+        bench_cpu()
+        if not args.skip_generate:
+            bench_generate(args.new_tokens)
+    if args.onebit or args.only_onebit:
+        bench_onebit(torch.device("cpu"))
     if torch.cuda.is_available():
-        bench_gpu()
+        if not args.only_onebit:
+            bench_gpu()
+        bench_onebit(torch.device("cuda"))
 
 
 if __name__ == "__main__":

@@ -44,26 +44,30 @@ if triton is not None:
 
     @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": nb, "BLOCK_K": 32 * kw}, num_warps=w)
                               for m, nb, kw, w in (_SPACE[:1] if _INTERPRET else _SPACE)],  # nothing to tune there
-                     key=["M", "N", "K"])
+                     key=["M_BUCKET", "N", "K", "NATIVE"])  # tuned per power-of-two row count, not per M
     @triton.jit
-    def _sign_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KW, stride_xm, stride_ym,
-                            PER_ROW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr):
+    def _sign_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KW, stride_xm, stride_ym, M_BUCKET,
+                            PER_ROW: tl.constexpr, NATIVE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # y[m, n] = scale[n] * sum_k x[m, k] * (2 * bit(w[n, k // 32], k % 32) - 1)
+        # NATIVE: fp16/bf16 x on a GPU, dotted in its own dtype (+-1 is exact there; tensor cores);
+        # otherwise both sides in fp32 with IEEE products (no TF32), as the interpreter needs.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rm * stride may pass 2**31
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
-                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float32)
-            words = tl.load(w_ptr + rn[None, :] * KW + (rk[:, None] // 32),
+                        mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+            words = tl.load(w_ptr + rn[None, :].to(tl.int64) * KW + (rk[:, None] // 32),
                             mask=(rn[None, :] < N) & (rk[:, None] < K), other=0)  # [BLOCK_K, BLOCK_N]
             bit = (words >> (rk[:, None] % 32)) & 1
-            sign = (bit * 2 - 1).to(tl.float32)
-            acc += tl.dot(x, sign)
+            if NATIVE:
+                acc += tl.dot(x, (bit * 2 - 1).to(x.dtype))
+            else:
+                acc += tl.dot(x.to(tl.float32), (bit * 2 - 1).to(tl.float32), input_precision="ieee")
         if PER_ROW:
             s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
             acc = acc * s[None, :]
@@ -74,16 +78,19 @@ if triton is not None:
 
 
 def sign_matmul_triton(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
-    """The Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1). Accumulates in fp32; the
-    inputs are cast to fp32 inside the kernel, so the interpreter's bf16 `tl.dot` is never hit."""
+    """The Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1). Accumulates in fp32; under
+    the interpreter the inputs are cast to fp32 inside the kernel, so its wrong bf16 `tl.dot` is
+    never hit."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     x2 = x.reshape(-1, n).contiguous()
     M, N = x2.shape[0], words.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    native = x.dtype in (torch.float16, torch.bfloat16) and not _INTERPRET
     _sign_matmul_kernel[grid](x2, words.contiguous(), scale.reshape(-1).float().contiguous(), y, M, N, n,
-                              words.shape[1], x2.stride(0), y.stride(0), PER_ROW=scale.numel() > 1)
+                              words.shape[1], x2.stride(0), y.stride(0), triton.next_power_of_2(M),
+                              PER_ROW=scale.numel() > 1, NATIVE=native)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers") from None
+
+
 def _tasks(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -86,6 +93,7 @@ def _cmd_delta_compress(args: argparse.Namespace) -> int:
 
     config = DeltaConfig(codec=args.method, scale_granularity=args.scale_granularity, distill_steps=args.distill_steps,
                          distill_lr=args.distill_lr, rank=args.rank, energy=args.energy, p=args.p,
+                         mixed_ranks=args.mixed_ranks, mixed_bits=args.mixed_bits,
                          min_numel=args.min_numel, exact=tuple(args.exact), exact_dtype=args.exact_dtype,
                          exact_format=args.exact_format, seed=args.seed)
     started = time.perf_counter()
@@ -173,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="lowrank: fixed rank")
     p.add_argument("--energy", type=float, help="lowrank: keep this share of the delta's squared norm")
     p.add_argument("--p", type=float, default=0.9, help="dare: share of delta entries dropped (default 0.9)")
+    p.add_argument("--mixed-ranks", type=_ints, default=(2, 32, 64), help="mixed: directions per band (default 2,32,64)")
+    p.add_argument("--mixed-bits", type=_ints, default=(8, 3, 2), help="mixed: bits per band (default 8,3,2)")
     p.add_argument("--min-numel", type=int, default=100_000, help="smaller tensors are stored exactly")
     p.add_argument("--exact", action="append", default=[], metavar="GLOB", help="also store these tensors exactly")
     p.add_argument("--exact-dtype", choices=("float16", "bfloat16", "float32"), default="float32")

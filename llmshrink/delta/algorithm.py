@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..gptq.packing import pack_rows, unpack_rows
 
 __all__ = ["pack_bits", "unpack_bits", "bitdelta", "lowrank", "dare", "mixed", "decode", "delta_matmul",
-           "delta_rows", "CODECS"]
+           "delta_rows", "mixed_factors", "CODECS"]
 
 
 # ---- 1-bit planes: 32 booleans per int32 word, along the last dim ---------------------------------
@@ -58,7 +58,7 @@ def lowrank(delta: torch.Tensor, rank: int | None = None, energy: float | None =
     U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
     if rank is None:
         share = (S**2).cumsum(0) / (S**2).sum().clamp_min(1e-30)
-        rank = int((share < energy).sum()) + 1 if energy < 1 else len(S)
+        rank = min(int((share < energy).sum()) + 1, len(S))  # fp32 sums may never reach energy ~ 1
     if rank > len(S):
         raise UsageError(f"rank={rank} is larger than the {tuple(delta.shape)} matrix allows "
                          f"(at most {len(S)}); use a smaller rank or an energy threshold")
@@ -121,7 +121,7 @@ CODECS = ("bitdelta", "lowrank", "dare", "mixed")
 
 # ---- decoding ----------------------------------------------------------------------------------
 
-def _mixed_factors(parts: dict[str, torch.Tensor], shape: tuple[int, int], bits: tuple[int, ...]):
+def mixed_factors(parts: dict[str, torch.Tensor], shape: tuple[int, int], bits: tuple[int, ...]):
     """(u [out, r], v [r, in]) in fp32 from the quantized bands."""
     us, vs = [], []
     for k, b in enumerate(bits):
@@ -140,11 +140,11 @@ def decode(kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, int], bi
     if kind == "lowrank":
         return parts["u"].float() @ parts["v"].float()
     if kind == "dare":
-        dense = torch.zeros(shape, dtype=torch.float32)
+        dense = torch.zeros(shape, dtype=torch.float32, device=parts["values"].device)
         dense[unpack_bits(parts["mask"], shape[1])] = parts["values"].float()
         return dense
     if kind == "mixed":
-        u, v = _mixed_factors(parts, shape, bits)
+        u, v = mixed_factors(parts, shape, bits)
         return u @ v
     raise ValueError(f"unknown delta kind '{kind}'")
 
@@ -162,8 +162,10 @@ def delta_matmul(x: torch.Tensor, kind: str, parts: dict[str, torch.Tensor], sha
     if kind == "lowrank":
         return (x @ parts["v"].to(x.dtype).t()) @ parts["u"].to(x.dtype).t()
     if kind == "mixed":
-        u, v = _mixed_factors(parts, shape, bits)
+        u, v = mixed_factors(parts, shape, bits)
         return (x @ v.to(x.dtype).t()) @ u.to(x.dtype).t()
+    if kind == "exact":
+        return x @ parts["exact"].to(x.dtype).t()
     return x @ decode(kind, parts, shape, bits).to(x.dtype).t()
 
 
@@ -177,6 +179,8 @@ def delta_rows(ids: torch.Tensor, kind: str, parts: dict[str, torch.Tensor], sha
         rows = signs(parts["sign"][flat], shape[1]) * (scale[flat] if scale.numel() > 1 else scale)
     elif kind == "lowrank":
         rows = parts["u"][flat].float() @ parts["v"].float()
+    elif kind == "exact":
+        rows = parts["exact"][flat].float()
     else:
         rows = decode(kind, parts, shape, bits)[flat]
     return rows.reshape(*ids.shape, shape[1])

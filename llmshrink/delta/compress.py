@@ -1,9 +1,9 @@
 """`llmshrink.compress_delta`: a fine-tuned model as a small compressed difference from its base.
 
-Walks the two checkpoints tensor by tensor (never both models whole in memory), encodes each
-weight's delta with the configured codec (`algorithm.py`), optionally distils the bitdelta scales
-against the fine-tuned model's logits, and writes the delta folder atomically (`load.py` has the
-format).
+Walks the two checkpoints tensor by tensor (encoding never holds both models whole in memory;
+scale distillation, when asked for, does load both), encodes each weight's delta with the
+configured codec (`algorithm.py`), optionally distils the bitdelta scales against the fine-tuned
+model's logits, and writes the delta folder atomically (`load.py` has the format).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def _source_folder(model, tmp: str, role: str) -> tuple[Path, str]:
+def _source_folder(model, tmp: str, role: str, revision: str | None = None) -> tuple[Path, str]:
     """(local folder, name to record) for a name/folder/Hub id or a loaded model."""
     from ..models import resolve_model
 
@@ -45,7 +45,11 @@ def _source_folder(model, tmp: str, role: str) -> tuple[Path, str]:
     if not resolved.is_dir():
         from huggingface_hub import snapshot_download
 
-        resolved = Path(snapshot_download(str(model), local_files_only=True))
+        try:
+            resolved = Path(snapshot_download(str(model), revision=revision, local_files_only=True))
+        except (OSError, ValueError):
+            raise UsageError(f"{role} model '{model}' is not a local folder and not in the Hugging Face cache; "
+                             "download it on a connected machine or pass a local folder") from None
     return resolved, str(model)
 
 
@@ -112,8 +116,18 @@ def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str,
     student = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    params = dict(student.named_parameters(remove_duplicate=False))
+    from ..arch import checkpoint_names
+
+    own = dict(student.named_parameters(remove_duplicate=False))
+    model_name = checkpoint_names(student, list(info))  # checkpoint key -> the model's parameter name
+    params = {k: own[name] for k, name in model_name.items() if name in own}
     keys = [k for k, v in info.items() if v["kind"] == "bitdelta"]
+    with torch.no_grad():  # tensors stored exactly are part of the student as they will be at load time
+        for k, v in info.items():
+            if v["kind"] == "exact":
+                params[k].add_(tensors[f"{k}.exact"].float())
+            elif v["kind"] == "full":
+                params[k].copy_(tensors[f"{k}.full"].float())
     signs = {k: algorithm.signs(tensors[f"{k}.sign"], info[k]["shape"][1]) for k in keys}  # [out, in] of +-1
     scale0 = {k: tensors[f"{k}.scale"].clone() for k in keys}
     log_m = {k: torch.zeros_like(scale0[k], requires_grad=True) for k in keys}
@@ -125,7 +139,7 @@ def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str,
         ids = calib[rows]
         with torch.no_grad():
             target = torch.log_softmax(teacher(ids).logits.float(), dim=-1)
-        weights = {k: params[k] + scale0[k] * log_m[k].exp() * signs[k] for k in keys}
+        weights = {model_name[k]: params[k] + scale0[k] * log_m[k].exp() * signs[k] for k in keys}
         logits = torch.func.functional_call(student, weights, (ids,), tie_weights=True).logits
         loss = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1), target.flatten(0, 1),
                                           log_target=True, reduction="batchmean")
@@ -161,10 +175,12 @@ def compress_delta(base, finetuned, config: DeltaConfig, out: str | os.PathLike,
     if not isinstance(config, DeltaConfig):
         raise UsageError(f"compress_delta takes a DeltaConfig, not {type(config).__name__}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; give a folder path for the delta")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"{out} exists and is not empty; choose another output folder or pass overwrite=True (--overwrite)")
     with tempfile.TemporaryDirectory(prefix="llmshrink-delta-") as tmp:
-        base_folder, base_name = _source_folder(base, tmp, "base")
+        base_folder, base_name = _source_folder(base, tmp, "base", revision)
         ft_folder, ft_name = _source_folder(finetuned, tmp, "finetuned")
         b, f = TensorIndex(base_folder), TensorIndex(ft_folder)
         _check_compatible(base_folder, ft_folder, b, f)
@@ -177,7 +193,10 @@ def compress_delta(base, finetuned, config: DeltaConfig, out: str | os.PathLike,
         b.release()
         f.release()
         distill = None
-        if config.codec == "bitdelta" and config.distill_steps > 0:
+        if config.codec == "bitdelta" and config.distill_steps > 0 and not any(
+                v["kind"] == "bitdelta" for v in info.values()):
+            logger.warning("no tensor is bitdelta-coded (all are below min_numel or exact): nothing to distil")
+        elif config.codec == "bitdelta" and config.distill_steps > 0:
             calib = _calibration(base_folder, calibration, nsamples, seqlen, config.seed)
             distill = distill_scales(base_folder, ft_folder, tensors, info, calib, config.distill_steps,
                                      config.distill_lr, progress=progress)

@@ -38,14 +38,18 @@ class LlmshrinkDeltaLoader:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *args, base_model: str | os.PathLike | None = None,
-                        dtype: torch.dtype | str | None = None, torch_dtype=None, **kwargs):
+                        dtype: torch.dtype | str | None = None, torch_dtype=None, device_map=None, **kwargs):
+        """transformers passes its hub and loader options along; a delta loads from local files
+        only, so those are ignored. `dtype` (default and "auto": fp32, the delta's arithmetic) and
+        `device_map` apply to the returned model."""
         from ..models import DTYPES
         from .load import load_delta_model
 
         dtype = dtype if dtype is not None else torch_dtype
         if isinstance(dtype, str):
-            dtype = DTYPES.get(dtype, torch.float32)  # "auto": the base's fp32
-        return load_delta_model(path, base_model=base_model, dtype=dtype or torch.float32)
+            dtype = DTYPES.get(dtype, torch.float32)
+        extra = {"device_map": device_map} if device_map is not None else {}
+        return load_delta_model(path, base_model=base_model, dtype=dtype or torch.float32, **extra)
 
 
 def register_with_transformers() -> None:

@@ -67,28 +67,45 @@ def tensors_sha256(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def locate_base(meta: dict, base_model: str | os.PathLike | None = None) -> Path:
-    """The base's local folder: `base_model` if given, else the recorded name, else the recorded path."""
+def _candidates(meta: dict, base_model: str | os.PathLike | None) -> list[Path]:
+    """Local folders that may hold the base, in order: `base_model`, or the recorded name, then
+    the recorded path (a Hub id only from the local cache, at the recorded revision)."""
     from huggingface_hub import snapshot_download
 
     from ..models import resolve_model
 
     recorded = meta["base"]
     tries = [str(base_model)] if base_model is not None else [recorded.get("name"), recorded.get("path")]
+    found: list[Path] = []
     for name in [t for t in tries if t]:
         try:
-            resolved = Path(resolve_model(name)) if not Path(name).is_file() else None
+            resolved = Path(resolve_model(name))
         except UsageError:
             continue
-        if resolved is not None and resolved.is_dir():
-            return resolved
-        try:  # a Hub id: only from the local cache, at the recorded revision
-            return Path(snapshot_download(name, revision=recorded.get("revision"), local_files_only=True))
-        except (OSError, ValueError) as e:  # not in the cache, or not a valid id: reported below
-            logger.debug("base %s not in the Hub cache: %s", name, e)
-    where = base_model if base_model is not None else f"{recorded.get('name')} (recorded path {recorded.get('path')})"
-    raise UsageError(f"the delta's base model {where} cannot be found; pass base_model=/path/to/base "
-                     f"(--base-model on the command line) pointing at the base it was made from")
+        if not resolved.is_dir():
+            try:
+                resolved = Path(snapshot_download(name, revision=recorded.get("revision"), local_files_only=True))
+            except (OSError, ValueError) as e:  # not in the cache, or not a valid id
+                logger.debug("base %s not in the Hub cache: %s", name, e)
+                continue
+        if resolved not in found:
+            found.append(resolved)
+    return found
+
+
+def locate_base(meta: dict, base_model: str | os.PathLike | None = None) -> Path:
+    """The base's local folder, checked by hash: the first candidate whose tensors hash to the
+    recorded sha256. A clear error when none is found, or when those found have other hashes."""
+    found = _candidates(meta, base_model)
+    if not found:
+        where = base_model if base_model is not None else f"{meta['base'].get('name')} (recorded path {meta['base'].get('path')})"
+        raise UsageError(f"the delta's base model {where} cannot be found; pass base_model=/path/to/base "
+                         "to from_pretrained, pointing at the base the delta was made from")
+    for folder in found:
+        if tensors_sha256(folder) == meta["base"]["sha256"]:
+            return folder
+    check_base(meta, found[0])  # raises, naming both hashes
+    return found[0]
 
 
 def read_delta(folder: str | os.PathLike) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -128,12 +145,17 @@ def apply_delta(model: torch.nn.Module, meta: dict, parts: dict[str, dict[str, t
             if kind == "zero":
                 continue
             if kind == "full":
-                param.copy_(p["full"])
+                param.copy_(p["full"].to(param.device))
             elif kind == "exact":
-                param.copy_((param.float() + p["exact"].float()).to(param.dtype))
+                param.copy_((param.float() + p["exact"].float().to(param.device)).to(param.dtype))
             else:
-                param.copy_((param.float() + decode(kind, p, tuple(info["shape"]), bits)).to(param.dtype))
+                param.copy_((param.float() + decode(kind, p, tuple(info["shape"]), bits).to(param.device)).to(param.dtype))
     return model
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def check_base(meta: dict, base_folder: Path) -> None:
@@ -143,7 +165,7 @@ def check_base(meta: dict, base_folder: Path) -> None:
     if found != expected:
         raise UsageError(f"base model {base_folder} has tensor sha256 {found[:16]}..., but the delta was made from "
                          f"{meta['base'].get('name')} with sha256 {expected[:16]}...; pass the right base with "
-                         "base_model= (--base-model)")
+                         "base_model=/path/to/base")
 
 
 def load_delta_model(folder: str | os.PathLike, base_model: str | os.PathLike | None = None,
@@ -151,10 +173,15 @@ def load_delta_model(folder: str | os.PathLike, base_model: str | os.PathLike | 
     """Find the base, check its hash, apply the delta and return a normal transformers model."""
     from transformers import AutoModelForCausalLM
 
+    from transformers import AutoConfig
+
     meta, parts = read_delta(folder)
     base = locate_base(meta, base_model)
-    check_base(meta, base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=False, **kwargs)
+    # the fine-tune's own config (eos, generation settings, ...) over the base's weights
+    finetuned = dict(read_config(folder).get("finetuned_config") or {})
+    config = AutoConfig.for_model(finetuned.pop("model_type"), **finetuned) if finetuned else None
+    model = AutoModelForCausalLM.from_pretrained(base, config=config, dtype=torch.float32, trust_remote_code=False,
+                                                 **kwargs)
     apply_delta(model, meta, parts)
     model.name_or_path = str(folder)
     return model.to(dtype)

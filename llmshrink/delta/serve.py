@@ -1,5 +1,8 @@
 """`DeltaModel`: one base model in memory, many fine-tunes served from their compressed deltas.
 
+The active delta is one per model and switches per call (`generate(..., delta=name)`, `use`,
+`set_active`): requests for different fine-tunes take turns; switching is not thread-safe.
+
 Linear and embedding weights that carry a delta are wrapped (never copied): a wrapped linear
 computes `base(x) + x @ delta.T` from the compact delta (bitdelta: `scale * (x @ sign.T)` through
 the 1-bit kernel), a wrapped embedding adds the delta's rows for the looked-up ids. Small tensors
@@ -18,26 +21,32 @@ from torch import nn
 
 from ..errors import UsageError
 from ..safetensors_io import TensorIndex
-from .algorithm import decode, delta_matmul, delta_rows
+from .algorithm import decode, delta_matmul, delta_rows, mixed_factors
 from .load import check_base, read_delta
 
 __all__ = ["DeltaModel"]
 
 
 class _Delta:
-    """One loaded delta: per checkpoint tensor name, its kind, shape and parts (on the model's device)."""
+    """One loaded delta: per checkpoint tensor name, its kind, shape and parts, on the model's device.
 
-    def __init__(self, meta: dict, parts: dict[str, dict[str, torch.Tensor]], base_params: dict[str, torch.Tensor]):
+    `full` tensors become exact deltas against the base's original values; `mixed` bands are
+    dequantized once into low-rank factors, so serving runs two thin matmuls."""
+
+    def __init__(self, meta: dict, parts: dict[str, dict[str, torch.Tensor]], original: dict[str, torch.Tensor]):
         self.bits = tuple(meta["config"].get("mixed_bits", ()))
         self.entries: dict[str, tuple[str, tuple[int, ...], dict[str, torch.Tensor]]] = {}
         for key, info in meta["tensors"].items():
-            kind, p = info["kind"], parts[key]
+            kind, shape, p = info["kind"], tuple(info["shape"]), parts[key]
             if kind == "zero":
                 continue
-            if kind == "full":  # served like an exact delta
-                kind, p = "exact", {"exact": p["full"].float() - base_params[key].float()}
-            device = base_params[key].device
-            self.entries[key] = (kind, tuple(info["shape"]), {k: v.to(device) for k, v in p.items()})
+            device = original[key].device
+            if kind == "full":
+                kind, p = "exact", {"exact": p["full"].to(device).float() - original[key].float()}
+            elif kind == "mixed":
+                u, v = mixed_factors(p, shape, self.bits)
+                kind, p = "lowrank", {"u": u, "v": v}
+            self.entries[key] = (kind, shape, {k: t.to(device) for k, t in p.items()})
 
 
 class _DeltaLinear(nn.Module):
@@ -51,8 +60,6 @@ class _DeltaLinear(nn.Module):
         if entry is None:
             return y
         kind, shape, parts = entry
-        if kind == "exact":
-            return y + x @ parts["exact"].to(x.dtype).t()
         return y + delta_matmul(x, kind, parts, shape, self._owner[0]._bits()).to(y.dtype)
 
 
@@ -71,7 +78,7 @@ class _DeltaEmbedding(nn.Module):
         if entry is None:
             return y
         kind, shape, parts = entry
-        rows = parts["exact"][ids] if kind == "exact" else delta_rows(ids, kind, parts, shape, self._owner[0]._bits())
+        rows = delta_rows(ids, kind, parts, shape, self._owner[0]._bits())
         return y + rows.to(y.dtype)
 
 
@@ -79,7 +86,7 @@ class DeltaModel(nn.Module):
     """A base model plus named deltas; `use(name)` / `set_active(name)` picks the fine-tune served.
 
     Args:
-        base: packaged name, folder or cached Hub id of the base the deltas were made from.
+        base: packaged name or local folder of the base the deltas were made from.
         dtype, device: of the base model.
     """
 
@@ -118,10 +125,13 @@ class DeltaModel(nn.Module):
         missing = [key for key in meta["tensors"] if key not in self._params]
         if missing:
             raise UsageError(f"the delta's {missing[0]} has no match in the base model; it was made for another architecture")
-        base_params = {key: self._params[key] for key in meta["tensors"]}
-        self.deltas[name] = _Delta(meta, parts, base_params)
-        for key, (kind, _, _) in self.deltas[name].entries.items():
-            self._wrap(key, base_params[key])
+        for key, info in meta["tensors"].items():
+            if info["kind"] != "zero":
+                self._wrap(key, self._params[key])
+        # originals: swapped small tensors may hold the active delta's values right now
+        original = {key: self._small.get(key, self._params[key]) for key in meta["tensors"]}
+        self.deltas[name] = _Delta(meta, parts, original)
+        self.set_active(self.active)  # re-adding the active name takes effect now
 
     def _wrap(self, key: str, param: torch.Tensor) -> None:
         """Wrap every module using `param` as its weight (tied heads too), or mark it for swapping."""
