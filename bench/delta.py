@@ -8,7 +8,7 @@ held-out domain passages, next to the base and the fine-tune:
     gain kept = (ppl_base - ppl_delta) / (ppl_base - ppl_finetuned)
     size ratio = fp16 copy of the fine-tune (2 bytes per parameter) / delta folder on disk
 
-    python bench/delta.py [--settings all|quick] [--eval-windows N] [--output results.json]
+    python bench/delta.py [--settings all|quick|NAME,NAME] [--eval-windows N] [--output results.json]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ SETTINGS = {
     "bitdelta": DeltaConfig(codec="bitdelta"),
     "bitdelta + distil 100": DeltaConfig(codec="bitdelta", distill_steps=100),
     "bitdelta rows": DeltaConfig(codec="bitdelta", scale_granularity="row"),
+    "bitdelta, embedding exact fp16": DeltaConfig(codec="bitdelta", exact=("*embed_tokens*",), exact_dtype="float16"),
     "lowrank r16": DeltaConfig(codec="lowrank", rank=16),
     "lowrank r64": DeltaConfig(codec="lowrank", rank=64),
     "dare p0.9": DeltaConfig(codec="dare", p=0.9),
@@ -52,7 +53,7 @@ def domain_ppl(model, ids: torch.Tensor, seqlen: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", choices=("all", "quick"), default="all")
+    ap.add_argument("--settings", default="all", help="all, quick, or comma-separated setting names")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=None, help="score only the first N windows (default all)")
     ap.add_argument("--output", help="write the rows as JSON here")
@@ -72,7 +73,10 @@ def main() -> None:
     print(f"domain ppl ({len(ids)} tokens, seqlen {args.seqlen}): base {ppl['base']:.3f}, "
           f"fine-tuned {ppl['fine-tuned']:.3f}; fine-tune on disk {folder_size(finetuned, ('.safetensors',)) / 2**20:.1f} MiB "
           f"(fp32), fp16 copy {full16 / 2**20:.1f} MiB")
-    names = QUICK if args.settings == "quick" else tuple(SETTINGS)
+    names = {"all": tuple(SETTINGS), "quick": QUICK}.get(args.settings) or tuple(args.settings.split(","))
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
     with tempfile.TemporaryDirectory(prefix="llmshrink-bench-delta-") as tmp:
         for name in names:
             out = Path(tmp) / name.replace(" ", "_")
