@@ -4,14 +4,17 @@ For each dtype a copy of the packaged model's safetensors file is made (cast fro
 weights) and coded by: llmshrink pack (its default, and with ZipNN's fixed split, rot=1, as an
 ablation), plain zstd on the whole file (one frame, python zstandard, the same level), and the
 `zipnn` package's byte API (`ZipNN(input_format="byte", bytearray_dtype=...)`, what its file
-scripts call). Every decode is checked against the original's sha256.
+scripts call). Every decode is checked against the original's sha256. Our default decode also
+runs with `verify="both"` (what `llmshrink unpack --verify-file` does) as an extra row.
 
     python bench/pack.py --threads 2 --repeats 3
 
 Decode GB/s = original bytes / seconds, best of --repeats, in memory (the file is in the page
-cache); llmshrink's includes its sha256 check. "cpu s" is the process CPU time of that decode:
-on a machine shared with other work, "cpu-bound GB/s" = bytes / (cpu s / threads) estimates what
-the decoder's threads would reach on idle cores (an upper bound: it assumes perfect scaling).
+cache); llmshrink's includes checking every chunk's recorded sha256 (and, in the --verify-file
+row, the whole file's). "cpu s" is the process CPU time of that decode and "cpu s/GB" that per
+original GB, the figure least moved by other work on the machine; "cpu-bound GB/s" = bytes /
+(cpu s / threads) estimates what the decoder's threads would reach on idle cores (an upper
+bound: it assumes perfect scaling). The load average is printed before, between and after.
 zipnn is optional: `pip install -c constraints.txt zipnn` (it builds a C extension).
 """
 
@@ -54,7 +57,7 @@ def best_of(fn, repeats: int) -> tuple[float, float, bytes | None]:
 
 
 def ours(src: Path, digest: str, work: Path, level: int, threads: int, repeats: int,
-         rotations: range | None = None) -> dict:
+         rotations: range | None = None, verify_file: bool = False) -> dict:
     saved = pack_codec.ROTATIONS
     if rotations is not None:  # ablation: a fixed rotation (the reader checks it against this too)
         pack_codec.ROTATIONS = rotations
@@ -65,12 +68,14 @@ def ours(src: Path, digest: str, work: Path, level: int, threads: int, repeats: 
         encode = time.perf_counter() - t0
         assert hashlib.sha256(pack_codec.decode_file(dst, threads)).hexdigest() == digest == info["sha256"]
 
-        def decode() -> None:  # iter_decoded checks the sha256 itself: a mismatch raises
-            for _ in pack_codec.iter_decoded(dst, threads=threads):
+        def decode(verify: str) -> None:  # iter_decoded checks the digests itself: a mismatch raises
+            for _ in pack_codec.iter_decoded(dst, threads=threads, verify=verify):
                 pass
 
-        wall, cpu, _ = best_of(decode, repeats)
-        return {"packed": dst.stat().st_size, "encode": encode, "decode": wall, "cpu": cpu, "threads": threads}
+        wall, cpu, _ = best_of(lambda: decode("chunks"), repeats)
+        both = best_of(lambda: decode("both"), repeats) if verify_file else (0.0, 0.0, None)
+        return {"packed": dst.stat().st_size, "encode": encode, "decode": wall, "cpu": cpu, "threads": threads,
+                "decode_both": both[0], "cpu_both": both[1]}
     finally:
         pack_codec.ROTATIONS = saved
 
@@ -128,9 +133,11 @@ def main() -> None:
             t0 = time.perf_counter()
             digest = hashlib.sha256(data).hexdigest()
             print(f"{name}: sha256 of the file alone takes {time.perf_counter() - t0:.2f} s", flush=True)
+            default = ours(path, digest, work, args.level, args.threads, args.repeats, verify_file=True)
             results = {
-                f"llmshrink pack (level {args.level})": ours(path, digest, work, args.level, args.threads,
-                                                             args.repeats),
+                f"llmshrink pack (level {args.level})": default,
+                "same, decoded with --verify-file": {**default, "decode": default["decode_both"],
+                                                     "cpu": default["cpu_both"]},
                 "llmshrink pack, fixed rot=1 (ZipNN's split)": ours(path, digest, work, args.level, args.threads,
                                                                     args.repeats, range(1, 2)),
                 f"zstd -{args.level}, whole file": plain_zstd(data, digest, args.level, args.threads, args.repeats),
@@ -144,21 +151,23 @@ def main() -> None:
                     continue
                 print(f"{name} {method}: {len(data) / r['packed']:.4f}x", flush=True)
             path.unlink()
+            print(f"load after {name}={os.getloadavg()[0]:.2f}", flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
     print(f"\nload at end={os.getloadavg()[0]:.2f}\n")
     print("| dtype | method | original MB | packed MB | ratio | encode s | decode GB/s | decode cpu s | "
-          "cpu-bound GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "cpu s/GB | cpu-bound GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, size, method, r in rows:
         if isinstance(r, str):
-            print(f"| {name} | {method} | {size / 1e6:.1f} | {r} | | | | | |")
+            print(f"| {name} | {method} | {size / 1e6:.1f} | {r} | | | | | | |")
             continue
         bound = size / (r["cpu"] / r["threads"]) / 1e9  # if the decode had its threads' cores to itself
         print(f"| {name} | {method} | {size / 1e6:.1f} | {r['packed'] / 1e6:.1f} | {size / r['packed']:.4f} | "
-              f"{r['encode']:.2f} | {size / r['decode'] / 1e9:.2f} | {r['cpu']:.2f} | {bound:.2f} |")
+              f"{r['encode']:.2f} | {size / r['decode'] / 1e9:.2f} | {r['cpu']:.2f} | {r['cpu'] / (size / 1e9):.2f} | "
+              f"{bound:.2f} |")
     ratios = {}
     for name, size, method, r in rows:
         if not isinstance(r, str):

@@ -1,11 +1,11 @@
 """Lossless entropy coding of one safetensors file: rotated byte planes + zstd, decoded in parallel.
 
 The container (`<name>.safetensors.llmpack`) holds every byte of the original file, so decoding
-gives it back byte for byte (checked by sha256). Its layout, integers little-endian:
+gives it back byte for byte (checked chunk by chunk). Its layout, integers little-endian:
 
     [0, 8)            MAGIC = b"LLMPACK\\0"
     [8, 8 + P)        payload: the coded pieces back to back, in table order
-    [8 + P, E - 16)   the table: one zstd frame of UTF-8 JSON (below), T bytes
+    [8 + P, E - 16)   the table: one zstd frame (with its checksum) of UTF-8 JSON (below), T bytes
     [E - 16, E - 8)   T as u64
     [E - 8, E)        MAGIC again (a truncated file has none)
 
@@ -13,7 +13,8 @@ gives it back byte for byte (checked by sha256). Its layout, integers little-end
              "segments": [{"start": byte offset in the original, "length": bytes,
                            "kind": "float" | "int" | "bytes", "width": bytes per element,
                            "rot": bits rotated, "chunk": elements per chunk,
-                           "pieces": [[codec, stored bytes], ...]}, ...]}
+                           "pieces": [[codec, stored bytes], ...],
+                           "digests": [hex, ...]}, ...]}
 
 Segments tile the original file in order: the safetensors header (8-byte length + JSON) and any
 bytes between or after tensors are "bytes" segments (width 1); each non-empty tensor is one
@@ -21,6 +22,14 @@ segment (chunks that start where a tensor starts code better than chunks across 
 segment of n elements is cut into chunks of `chunk` elements; a chunk becomes `width` byte
 planes, one piece each (chunk-major: chunk 0 plane 0, chunk 0 plane 1, ..., chunk 1 plane 0).
 Pieces are independent, so chunks decode on parallel threads.
+
+Integrity: `digests` holds, per chunk, the XXH3-128 checksum of that chunk's original bytes
+(16 bytes, non-cryptographic, ~3x faster than sha256 here), and the decoding thread checks it, so verification runs in parallel and no byte is handed
+out unchecked. "sha256" is the whole original file's (the Hugging Face Hub's LFS hash): the
+file's identity, computed while encoding; decoding recomputes it only when asked
+(`verify="file"` or `"both"`, `llmshrink unpack --verify-file`). The chunk digests catch any
+damage to the payload, the table frame's checksum any to the table; only the whole-file sha256
+also guards against a container deliberately rewritten with a consistent forged table.
 
 Byte planes (ZipNN-style, generalized): an element is read as a little-endian uint of `width`
 bytes and rotated left by `rot` bits, `r = (u << rot) | (u >> (8 * width - rot))`; plane k is
@@ -54,12 +63,13 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
+import xxhash
 import zstandard
 
 from .errors import UsageError
 
-__all__ = ["FORMAT", "VERSION", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "encode_file", "iter_decoded", "decode_file",
-           "decode_to_file", "read_table"]
+__all__ = ["FORMAT", "VERSION", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "VERIFY", "encode_file", "iter_decoded",
+           "decode_file", "decode_to_file", "read_table"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +82,8 @@ RAW, ZSTD = 0, 1
 ROTATIONS = range(5)  # candidate `rot` for elements wider than a byte
 _SAMPLES, _SAMPLE = 4, 1 << 14  # the rotation is chosen on 4 spread samples of 16K elements
 _MAX_TABLE = 1 << 30
+DIGEST_BYTES = 16  # a chunk's digest: the XXH3-128 of its original bytes
+VERIFY = ("chunks", "file", "both")  # what decoding checks: chunk digests, the whole-file sha256, or both
 
 # safetensors dtype -> (kind, bytes per element); anything else is coded as plain bytes
 _DTYPES = {"F16": ("float", 2), "BF16": ("float", 2), "F32": ("float", 4), "F64": ("float", 8),
@@ -150,10 +162,12 @@ def _to_planes(data: bytes, width: int, rot: int) -> list[np.ndarray]:
 
 def _from_planes(planes: np.ndarray, rot: int, u: np.ndarray, t: np.ndarray) -> None:
     """Inverse of `_to_planes`: [width, n] uint8 planes into `u` ([n] uint), `t` (same) as scratch."""
-    np.copyto(u, planes[0])
-    for k in range(1, len(planes)):
+    top = len(planes) - 1
+    np.left_shift(planes[top], 8 * top, out=u, dtype=u.dtype)  # no separate widening copy of a plane
+    for k in range(1, top):
         np.left_shift(planes[k], 8 * k, out=t, dtype=u.dtype)
         u |= t
+    np.bitwise_or(u, planes[0], out=u)  # plane 0 is widened on the fly
     if rot:  # rotate right by `rot`
         np.right_shift(u, rot, out=t)
         u <<= 8 * u.itemsize - rot
@@ -179,9 +193,15 @@ def _code_plane(plane: np.ndarray, level: int) -> tuple[int, bytes | np.ndarray]
     return (ZSTD, best) if len(best) < 0.99 * plane.nbytes else (RAW, plane)
 
 
-def _encode_chunk(job: tuple[bytes, int, int, int]) -> tuple[int, list[tuple[int, bytes | np.ndarray]]]:
+def _digest(data: bytes | np.ndarray) -> bytes:
+    """A chunk's digest: XXH3-128, a non-cryptographic checksum that catches corruption at ~3x
+    sha256's speed (decoding verifies every chunk); the whole-file sha256 stays the identity."""
+    return xxhash.xxh3_128(data).digest()
+
+
+def _encode_chunk(job: tuple[bytes, int, int, int]) -> tuple[int, bytes, list[tuple[int, bytes | np.ndarray]]]:
     data, width, rot, level = job
-    return len(data), [_code_plane(p, level) for p in _to_planes(data, width, rot)]
+    return len(data), _digest(data), [_code_plane(p, level) for p in _to_planes(data, width, rot)]
 
 
 def _choose_rotation(fd: int, seg: Segment) -> int:
@@ -304,6 +324,7 @@ def encode_file(src: str | os.PathLike, dst: str | os.PathLike, level: int = DEF
             if seg.width > 1:
                 seg = seg._replace(rot=_choose_rotation(f.fileno(), seg))
             pieces: list[list[int]] = []
+            digests: list[str] = []
 
             def jobs(seg: Segment = seg) -> Iterator[tuple[bytes, int, int, int]]:
                 for n in _chunks(seg.length, seg.width, chunk):  # the file is read once, in order
@@ -313,16 +334,17 @@ def encode_file(src: str | os.PathLike, dst: str | os.PathLike, level: int = DEF
                     sha.update(data)
                     yield data, seg.width, seg.rot, level
 
-            for nbytes, coded in _ordered(pool, _encode_chunk, jobs(), 2 * threads + 2):
+            for nbytes, digest, coded in _ordered(pool, _encode_chunk, jobs(), 2 * threads + 2):
+                digests.append(digest.hex())
                 for codec, blob in coded:
                     out.write(blob)
                     pieces.append([codec, len(blob) if codec == ZSTD else blob.nbytes])
                 if progress:
                     progress(nbytes)
-            table_segments.append({**seg._asdict(), "chunk": chunk, "pieces": pieces})
+            table_segments.append({**seg._asdict(), "chunk": chunk, "pieces": pieces, "digests": digests})
         table = json.dumps({"format": FORMAT, "version": VERSION, "size": size, "sha256": sha.hexdigest(),
                             "segments": table_segments}, separators=(",", ":")).encode()
-        table = zstandard.ZstdCompressor(level=19).compress(table)
+        table = zstandard.ZstdCompressor(level=19, write_checksum=True).compress(table)
         out.write(table)
         out.write(struct.pack("<Q", len(table)))
         out.write(MAGIC)
@@ -364,11 +386,14 @@ def _read_table(path: Path, f: BinaryIO) -> dict:
     try:  # every byte of the original covered once, every piece accounted for
         for seg in table["segments"]:
             n, rem = divmod(seg["length"], seg["width"])
+            chunks = -(-n // seg["chunk"]) if seg["chunk"] > 0 else 0
             if (seg["start"] != cursor or rem or n <= 0 or seg["chunk"] <= 0 or seg["width"] not in _UINT
                     or not 0 <= seg["rot"] < 8 * seg["width"] or (seg["width"] == 1 and seg["rot"])):
                 problem = "segments do not tile the original file"
-            elif len(seg["pieces"]) != -(-n // seg["chunk"]) * seg["width"]:
+            elif len(seg["pieces"]) != chunks * seg["width"]:
                 problem = "wrong number of pieces in a segment"
+            elif len(seg["digests"]) != chunks or any(len(bytes.fromhex(d)) != DIGEST_BYTES for d in seg["digests"]):
+                problem = "wrong number or size of chunk digests in a segment"
             elif not all(codec in (RAW, ZSTD) and isinstance(length, int) and length >= 0
                          for codec, length in seg["pieces"]):
                 problem = "a piece with an unknown codec or a negative length"
@@ -376,7 +401,7 @@ def _read_table(path: Path, f: BinaryIO) -> dict:
             cursor += seg["length"]
         if not problem and (cursor != table["size"] or 8 + stored + tlen + 16 != size):
             problem = f"{size} bytes, expected {8 + stored + tlen + 16} for {table['size']} original bytes"
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         problem = f"malformed table: {e!r}"
     if problem:
         raise _corrupt(path, problem)
@@ -390,16 +415,19 @@ def read_table(path: str | os.PathLike) -> dict:
 
 
 class _Job(NamedTuple):
-    """One chunk to decode: `n` elements of `width` bytes from its pieces (codec, offset, length)."""
+    """One chunk to decode: `n` elements of `width` bytes from its pieces (codec, offset, length),
+    starting at byte `start` of the original; checked against `digest` unless it is None."""
 
     width: int
     rot: int
     n: int
     pieces: list[tuple[int, int, int]]
+    start: int
+    digest: bytes | None
 
 
 def _decode_chunk(path: Path, fd: int, ring: queue.SimpleQueue, job: _Job) -> np.ndarray:
-    """Decode a chunk into a buffer taken from `ring` (or a new one); returns [n * width] uint8."""
+    """Decode and check a chunk into a buffer taken from `ring` (or a new one); returns [n * width] uint8."""
     nbytes = job.n * job.width
     try:
         buf = ring.get_nowait()
@@ -410,56 +438,75 @@ def _decode_chunk(path: Path, fd: int, ring: queue.SimpleQueue, job: _Job) -> np
     out = buf[:nbytes]
     if job.width == 1:
         _decode_piece(path, fd, *job.pieces[0], out)
-        return out
-    planes = _scratch("planes", nbytes).reshape(job.width, job.n)  # [width, n] uint8
-    for k, piece in enumerate(job.pieces):
-        _decode_piece(path, fd, *piece, planes[k])
-    dtype = _UINT[job.width]
-    _from_planes(planes, job.rot, out.view(dtype), _scratch("tmp", nbytes).view(dtype))
+    else:
+        planes = _scratch("planes", nbytes).reshape(job.width, job.n)  # [width, n] uint8
+        for k, piece in enumerate(job.pieces):
+            _decode_piece(path, fd, *piece, planes[k])
+        dtype = _UINT[job.width]
+        _from_planes(planes, job.rot, out.view(dtype), _scratch("tmp", nbytes).view(dtype))
+    if job.digest is not None and _digest(out) != job.digest:  # in this thread, while `out` is in cache
+        raise _corrupt(path, f"original bytes [{job.start}, {job.start + nbytes}) decode to a different sha256 "
+                             "than recorded")
     return out
 
 
-def iter_decoded(path: str | os.PathLike, threads: int | None = None) -> Iterator[memoryview]:
+def iter_decoded(path: str | os.PathLike, threads: int | None = None, verify: str = "chunks") -> Iterator[memoryview]:
     """Yield the original file's bytes in order, a chunk at a time, decoded on `threads` threads.
 
-    Each view is valid until the next one is requested (the buffers are reused). The sha256 of
-    the whole original is checked after the last chunk (UsageError if it differs), so what was
-    yielded is unverified until the iterator is exhausted.
+    Each view is valid until the next one is requested (the buffers are reused).
+
+    Args:
+        path: the container.
+        threads: decoding threads (default os.cpu_count()).
+        verify: "chunks" (default): each chunk is checked against its recorded digest by the thread
+            that decoded it, before it is yielded. "file": the sha256 of the whole original is
+            recomputed here and checked after the last chunk, so what was yielded is unverified
+            until the iterator is exhausted. "both": both checks.
+    Raises:
+        UsageError: the container is truncated or corrupt, or a check fails.
     """
     path = Path(path)
+    if verify not in VERIFY:
+        raise UsageError(f"verify={verify!r} is not a check; use 'chunks' (each chunk's sha256, in parallel; "
+                         "the default), 'file' (the whole file's sha256) or 'both'")
     threads = threads or os.cpu_count() or 1
-    sha = hashlib.sha256()
+    sha = hashlib.sha256() if verify in ("file", "both") else None
     ring: queue.SimpleQueue = queue.SimpleQueue()  # output buffers the consumer is done with
     with open(path, "rb") as f, ThreadPoolExecutor(threads) as pool:
         table = _read_table(path, f)
+        chunk_digests = verify in ("chunks", "both")
 
         def jobs() -> Iterator[_Job]:
             offset = 8  # the payload starts after the leading magic
             for seg in table["segments"]:
-                lengths = iter(seg["pieces"])
+                lengths, digests, start = iter(seg["pieces"]), iter(seg["digests"]), seg["start"]
                 for n in _chunks(seg["length"], seg["width"], seg["chunk"]):
                     pieces = []
                     for codec, length in (next(lengths) for _ in range(seg["width"])):
                         pieces.append((codec, offset, length))
                         offset += length
-                    yield _Job(seg["width"], seg["rot"], n, pieces)
+                    digest = bytes.fromhex(next(digests)) if chunk_digests else None
+                    yield _Job(seg["width"], seg["rot"], n, pieces, start, digest)
+                    start += n * seg["width"]
 
         decode = functools.partial(_decode_chunk, path, f.fileno(), ring)
         for out in _ordered(pool, decode, jobs(), 2 * threads + 2):
             view = memoryview(out)
-            sha.update(view)
+            if sha is not None:
+                sha.update(view)
             yield view
             ring.put(out.base if out.base is not None else out)
-    if sha.hexdigest() != table["sha256"]:
-        raise _corrupt(path, "sha256 of the decoded bytes differs from the recorded one")
+    if sha is not None and sha.hexdigest() != table["sha256"]:
+        raise _corrupt(path, "sha256 of the decoded file differs from the recorded one")
 
 
 def decode_to_file(src: str | os.PathLike, dst: str | os.PathLike, threads: int | None = None,
-                   progress: Callable[[int], None] | None = None) -> int:
-    """Decode a container into `dst` (the caller makes it atomic); returns the bytes written."""
+                   progress: Callable[[int], None] | None = None, verify: str = "chunks") -> int:
+    """Decode a container into `dst` (the caller makes it atomic); returns the bytes written.
+    `verify` is as for `iter_decoded`."""
     written = 0
     with open(dst, "wb") as f:
-        for view in iter_decoded(src, threads):
+        for view in iter_decoded(src, threads, verify):
             f.write(view)
             written += len(view)
             if progress:
@@ -467,9 +514,10 @@ def decode_to_file(src: str | os.PathLike, dst: str | os.PathLike, threads: int 
     return written
 
 
-def decode_file(path: str | os.PathLike, threads: int | None = None) -> bytes:
-    """The original file's bytes, verified (for tests and benchmarks; big files: `decode_to_file`)."""
+def decode_file(path: str | os.PathLike, threads: int | None = None, verify: str = "chunks") -> bytes:
+    """The original file's bytes, verified (for tests and benchmarks; big files: `decode_to_file`).
+    `verify` is as for `iter_decoded`."""
     out = bytearray()
-    for view in iter_decoded(path, threads):
+    for view in iter_decoded(path, threads, verify):
         out += view
     return bytes(out)

@@ -211,6 +211,53 @@ def test_flipped_byte_is_detected(packed, tmp_path, where):
     assert not (tmp_path / "back").exists() and not leftovers(tmp_path)
 
 
+def raw_piece_offset(container: Path) -> tuple[int, int]:
+    """(offset in the container, length) of the first raw-stored (codec 0) piece."""
+    offset = 8  # after the leading magic
+    for seg in pack_codec.read_table(container)["segments"]:
+        for codec, length in seg["pieces"]:
+            if codec == pack_codec.RAW and length > 1000:
+                return offset, length
+            offset += length
+    raise AssertionError("no raw piece")
+
+
+def test_flipped_byte_in_a_raw_piece_is_caught_by_its_chunk_digest(tmp_path):
+    """A raw piece has no zstd framing to notice damage: only the chunk's recorded sha256 can."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (300_000,), generator=g, dtype=torch.uint8)  # incompressible: stored raw
+    checkpoint(tmp_path, {"noise": noise, "w": torch.randn(300, 300, generator=g).bfloat16()})
+    container = tmp_path / "x.llmpack"
+    pack_codec.encode_file(tmp_path / "model.safetensors", container, chunk=1 << 16)
+    offset, length = raw_piece_offset(container)
+    data = bytearray(container.read_bytes())
+    data[offset + length // 2] ^= 0x01
+    container.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match=r"corrupt \(original bytes \[\d+, \d+\) decode to a different sha256") as e:
+        pack_codec.decode_file(container)
+    assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match="sha256 of the decoded file differs"):  # the whole-file check alone
+        pack_codec.decode_file(container, verify="file")
+
+
+@pytest.mark.parametrize("verify", pack_codec.VERIFY)
+def test_every_verify_mode_round_trips(tmp_path, verify):
+    checkpoint(tmp_path, every_dtype())
+    src = tmp_path / "model.safetensors"
+    pack_codec.encode_file(src, tmp_path / "x.llmpack", chunk=5000)
+    table = pack_codec.read_table(tmp_path / "x.llmpack")
+    assert all(len(s["digests"]) == -(-s["length"] // s["width"] // 5000) for s in table["segments"])
+    assert pack_codec.decode_file(tmp_path / "x.llmpack", threads=2, verify=verify) == src.read_bytes()
+
+
+def test_unknown_verify_mode_is_refused(packed, tmp_path):
+    with pytest.raises(UsageError, match="verify='all'.*chunks"):
+        pack_codec.decode_file(packed / "model.safetensors.llmpack", verify="all")
+    with pytest.raises(UsageError, match="verify='all'.*chunks"):
+        unpack_folder(packed, tmp_path / "back", verify="all")
+    assert not (tmp_path / "back").exists()
+
+
 def test_failure_midway_leaves_no_half_folder(tmp_path, monkeypatch):
     src = tmp_path / "src"
     checkpoint(src, {"a": torch.randn(10)}, "model-00001-of-00002.safetensors")
@@ -300,8 +347,12 @@ def test_cli_pack_and_unpack(tmp_path, capsys):
     assert "packed 1 safetensors file(s)" in capsys.readouterr().out
     args = parser.parse_args(["unpack", str(tmp_path / "p"), "--out", str(tmp_path / "back")])
     assert args.func(args) == 0
-    assert "sha256 verified" in capsys.readouterr().out
+    assert "chunk sha256 verified" in capsys.readouterr().out
     assert tree(tmp_path / "back") == tree(tmp_path / "src")
+    args = parser.parse_args(["unpack", str(tmp_path / "p"), "--out", str(tmp_path / "back2"), "--verify-file"])
+    assert args.func(args) == 0
+    assert "chunk and whole-file sha256 verified" in capsys.readouterr().out
+    assert tree(tmp_path / "back2") == tree(tmp_path / "src")
     with pytest.raises(SystemExit):
         parser.parse_args(["pack", str(tmp_path / "src"), "--out", "x", "--level", "99"])
 
