@@ -2,19 +2,22 @@
 
 from .auto import AutoModelForCausalLM
 from .delta import DeltaConfig, DeltaModel, compress_delta
+from .delta.hf import register_with_transformers as _register_delta_with_transformers
 from .errors import UsageError
 from .gptq.config import GPTQConfig
-from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
-from .delta.hf import register_with_transformers as _register_delta_with_transformers
 from .gptq.hf import register_with_transformers as _register_with_transformers
+from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from .prune import LayerPruneConfig, WeightPruneConfig, prune
 from .quantize import quantize
 
 __version__ = "0.1.0"
 
 # Plain transformers.AutoModelForCausalLM loads GPTQ checkpoints through llmshrink from here on
-# (unless transformers' own GPTQ path can run; see llmshrink/gptq/hf.py).
+# (unless transformers' own GPTQ path can run; see llmshrink/gptq/hf.py), and delta folders
+# (model_type llmshrink_delta; see llmshrink/delta/hf.py).
 _register_with_transformers()
-_register_delta_with_transformers()  # and delta folders (model_type llmshrink_delta)
+_register_delta_with_transformers()
 
-__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "compress_delta", "UsageError", "load_model", "load_tokenizer",
-           "quantize", "resolve_model", "__version__"]
+__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "LayerPruneConfig",
+           "UsageError", "WeightPruneConfig", "compress_delta", "load_model", "load_tokenizer", "prune", "quantize",
+           "resolve_model", "__version__"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -105,6 +106,35 @@ def _cmd_delta_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .prune import LayerPruneConfig, WeightPruneConfig, prune, save_pruned
+    from .prune.report import print_scores, plot_scores
+
+    if (args.layers is None) == (args.sparsity is None):
+        raise UsageError("give --layers N (remove decoder layers) or --sparsity S (zero weights), not both or neither")
+    if args.layers is not None:
+        config = LayerPruneConfig(layers=args.layers, criterion=args.criterion)
+    else:
+        config = WeightPruneConfig(sparsity=args.sparsity, score=args.score, pattern=args.pattern, scope=args.scope)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    model, tokenizer, resolved = load_model(args.model)
+    prune(model, config, calibration=args.calib_file, tokenizer=tokenizer, nsamples=args.nsamples,
+          seqlen=args.calib_seqlen, seed=args.seed)
+    record = model.config.llmshrink_prune
+    if args.layers is not None and "block_influence" in record:
+        print_scores(record)
+        plot = plot_scores(record, args.plot or out.with_name(out.name + "-scores.png"))
+        print(f"score chart written to {plot}")
+    save_pruned(model, tokenizer, out, overwrite=args.overwrite)
+    what = (f"removed layers {record['removed']}" if args.layers is not None
+            else f"sparsity {record['sparsity']:.3f}")
+    print(f"pruned {resolved}: {what}; checkpoint written to {out}")
+    return 0
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .models import resolve_model
 
@@ -194,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd_delta_compress)
+
+    p = sub.add_parser("prune", help="remove decoder layers or zero weights, chosen on calibration text",
+                       description="Layer pruning (--layers N) or weight pruning (--sparsity S) into a normal checkpoint.")
+    p.add_argument("--model", default=None, help=f"packaged name, local folder or Hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--layers", type=_positive_int, help="decoder layers to remove")
+    p.add_argument("--criterion", default="block_influence", choices=("block_influence", "angular", "last"))
+    p.add_argument("--plot", help="bar chart of the layer scores (default OUT-scores.png beside --out)")
+    p.add_argument("--sparsity", type=float, help="share of decoder-linear weights to zero, in [0, 1)")
+    p.add_argument("--score", default="wanda", choices=("wanda", "magnitude"))
+    p.add_argument("--pattern", default="unstructured", choices=("unstructured", "2:4"))
+    p.add_argument("--scope", default="layer", choices=("layer", "global"))
+    p.add_argument("--calib-file", help="local .txt/.jsonl calibration text (default: the wiki calibration half)")
+    p.add_argument("--nsamples", type=_positive_int, default=64)
+    p.add_argument("--calib-seqlen", type=_positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_prune)
 
     from .pack import add_cli as add_pack_cli
 

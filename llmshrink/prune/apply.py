@@ -1,0 +1,214 @@
+"""`llmshrink.prune`: measure on calibration text, then remove decoder layers or zero weights.
+
+One pass over the calibration windows hooks every decoder layer (its input and output hidden
+states, for the layer scores) or every decoder linear (the L2 norm of each input channel, for
+Wanda); the pure math in `algorithm.py` turns those into choices, and this module edits the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import arch_for, decoder_layers
+from ..config import register_method
+from ..errors import UsageError
+from ..io import atomic_dir
+from . import algorithm
+from .config import LayerPruneConfig, WeightPruneConfig
+
+__all__ = ["prune", "layer_scores", "remove_layers", "prune_weights", "save_pruned"]
+
+logger = logging.getLogger(__name__)
+
+
+def _calibration(model, tokenizer, calibration, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        return calibration.long()
+    from ..calibration import calibration_windows
+
+    if tokenizer is None:
+        raise UsageError("calibration text needs the model's tokenizer; pass tokenizer= or token ids")
+    return calibration_windows(tokenizer, calibration or "wiki", nsamples, seqlen, seed)
+
+
+def _hidden_input(args, kwargs) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+@torch.no_grad()
+def layer_scores(model: nn.Module, calib: torch.Tensor, batch_size: int = 4, progress: bool = True) -> torch.Tensor:
+    """Mean cosine similarity between every pair of layer boundaries over the calibration tokens:
+    [L + 1, L + 1], index 0 = the input of layer 0, index l + 1 = the output of layer l."""
+    layers = decoder_layers(model)
+    states: list[torch.Tensor] = []
+
+    def grab_input(module, args, kwargs):
+        if not states:
+            states.append(_hidden_input(args, kwargs).flatten(0, -2).float())
+
+    def grab_output(module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        states.append(out.flatten(0, -2).float())
+
+    handles = [layers[0].register_forward_pre_hook(grab_input, with_kwargs=True)]
+    handles += [layer.register_forward_hook(grab_output, with_kwargs=True) for layer in layers]
+    total, tokens = None, 0
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(calib), batch_size), desc="layer scores", unit="batch", disable=not progress):
+            states.clear()
+            ids = calib[i:i + batch_size].to(device)
+            model(ids, use_cache=False)
+            sums = algorithm.cosine_sums(states)
+            total = sums if total is None else total + sums
+            tokens += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return total / tokens
+
+
+def remove_layers(model: nn.Module, drop: list[int]) -> nn.Module:
+    """Remove decoder layers `drop` in place: the ModuleList, `num_hidden_layers`, every per-layer
+    list in the config (`layer_types`, ...) and the layers' `layer_idx` (so the KV cache lines up)."""
+    spec = arch_for(model)
+    layers = decoder_layers(model, spec)
+    n = len(layers)
+    keep = [i for i in range(n) if i not in set(drop)]
+    if not keep:
+        raise UsageError(f"removing {len(drop)} of {n} decoder layers leaves none; remove at most {n - 1}")
+    parent_name, _, child = spec.layers.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.ModuleList([layers[i] for i in keep]))
+    for new_index, layer in enumerate(getattr(parent, child)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    config = model.config
+    for key, value in list(vars(config).items()):
+        if isinstance(value, (list, tuple)) and len(value) == n and key != "architectures":
+            setattr(config, key, type(value)(value[i] for i in keep))
+    config.num_hidden_layers = len(keep)
+    return model
+
+
+@torch.no_grad()
+def _input_norms(model: nn.Module, calib: torch.Tensor, linears: dict[str, nn.Linear], batch_size: int,
+                 progress: bool) -> dict[str, torch.Tensor]:
+    """Per linear, the L2 norm over calibration tokens of each input channel: [in] fp32."""
+    sq = {name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in linears.items()}
+
+    def hook(name):
+        def fn(module, args):
+            sq[name] += args[0].detach().double().pow(2).flatten(0, -2).sum(0).cpu()
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    device = next(model.parameters()).device
+    try:
+        for i in tqdm(range(0, len(calib), batch_size), desc="activation norms", unit="batch", disable=not progress):
+            model(calib[i:i + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: s.sqrt().float() for name, s in sq.items()}
+
+
+def _decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    spec = arch_for(model)
+    return {f"{spec.layers}.{i}.{name}": m for i, layer in enumerate(decoder_layers(model, spec))
+            for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def prune_weights(model: nn.Module, config: WeightPruneConfig, calib: torch.Tensor | None, batch_size: int = 4,
+                  progress: bool = True) -> dict[str, tuple[int, int]]:
+    """Zero weights of every decoder linear in place. Returns (zeros, weights) per linear."""
+    linears = _decoder_linears(model)
+    if config.pattern == "2:4":
+        bad = [(n, m.in_features) for n, m in linears.items() if m.in_features % 4]
+        if bad:
+            raise UsageError(f"2:4 sparsity needs widths divisible by 4; {bad[0][0]} has {bad[0][1]} inputs")
+    norms = _input_norms(model, calib, linears, batch_size, progress) if config.score == "wanda" else {}
+
+    def score(name: str, m: nn.Linear) -> torch.Tensor:
+        s = m.weight.detach().float().abs()
+        return s * norms[name].to(s.device) if norms else s
+
+    threshold = None
+    if config.scope == "global" and config.pattern == "unstructured" and config.sparsity > 0:
+        flat = torch.cat([score(n, m).flatten() for n, m in linears.items()])
+        threshold = float(flat.kthvalue(max(1, int(len(flat) * config.sparsity))).values)
+        del flat
+    reached = {}
+    for name, m in linears.items():
+        keep = algorithm.prune_mask(score(name, m), config.sparsity, config.pattern, threshold)
+        m.weight.mul_(keep.to(m.weight.dtype))
+        reached[name] = (int((~keep).sum()), keep.numel())
+    return reached
+
+
+@register_method(LayerPruneConfig)
+@register_method(WeightPruneConfig)
+def prune(model, config: LayerPruneConfig | WeightPruneConfig, calibration: str | torch.Tensor | None = None,
+          tokenizer=None, nsamples: int = 64, seqlen: int = 512, seed: int = 0, progress: bool = True):
+    """Prune `model` in place with `config` and return it (a normal transformers model).
+
+    Args:
+        model: a loaded causal LM, or a packaged name / folder / Hub id (loaded in fp32).
+        config: LayerPruneConfig (remove decoder layers) or WeightPruneConfig (zero weights).
+        calibration: None for the wiki calibration half, a .txt/.jsonl path, or [n, seqlen] ids.
+        tokenizer: the model's tokenizer (found from the name when `model` is one).
+        nsamples, seqlen, seed: calibration windows drawn from the text.
+    Returns:
+        The pruned model; `model.config.llmshrink_prune` records the config, the scores and the
+        layers removed (saved into config.json by save_pretrained).
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from ..models import load_model
+
+        model, tokenizer, _ = load_model(str(model))
+    if not isinstance(config, (LayerPruneConfig, WeightPruneConfig)):
+        raise UsageError(f"prune takes a LayerPruneConfig or WeightPruneConfig, not {type(config).__name__}")
+    needs_data = isinstance(config, LayerPruneConfig) and config.criterion != "last" or \
+        isinstance(config, WeightPruneConfig) and config.score == "wanda"
+    n_layers = len(decoder_layers(model))
+    if isinstance(config, LayerPruneConfig) and config.layers >= n_layers:
+        raise UsageError(f"removing {config.layers} of {n_layers} decoder layers leaves none; remove at most {n_layers - 1}")
+    calib = _calibration(model, tokenizer, calibration, nsamples, seqlen, seed) if needs_data else None
+    model.eval()
+    record: dict = {"config": config.to_dict()}
+    if isinstance(config, LayerPruneConfig):
+        cos = layer_scores(model, calib, progress=progress) if calib is not None else None
+        if cos is None:  # `last` needs no data
+            drop, scores = list(range(n_layers - config.layers, n_layers)), None
+        else:
+            drop, scores = algorithm.choose_layers(config.criterion, cos, config.layers)
+            record["block_influence"] = [round(v, 6) for v in algorithm.block_influence(cos).tolist()]
+            record["angular"] = [round(v, 6) for v in algorithm.angular_distance(cos, config.layers).tolist()]
+        remove_layers(model, drop)
+        record["removed"] = drop
+        logger.info("removed decoder layers %s (%s)", drop, config.criterion)
+    else:
+        reached = prune_weights(model, config, calib, progress=progress)
+        record["sparsity"] = round(sum(z for z, _ in reached.values()) / max(sum(n for _, n in reached.values()), 1), 6)
+    model.config.llmshrink_prune = record
+    return model
+
+
+def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """save_pretrained (safetensors) + tokenizer, into a temp folder renamed into place."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UsageError(f"{out} exists and is not empty; choose another output folder or pass --overwrite")
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out

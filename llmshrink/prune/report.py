@@ -1,0 +1,49 @@
+"""The layer-pruning score table (printed) and bar chart (PNG, matplotlib)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["print_scores", "plot_scores"]
+
+
+def print_scores(record: dict) -> None:
+    """Per layer: block influence, the angular distance of the run starting there, and removal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    removed = set(record["removed"])
+    table = Table(title=f"layer scores ({record['config']['criterion']}; lower = more removable)")
+    for column in ("layer", "block influence", f"angular, run of {record['config']['layers']}", "removed"):
+        table.add_column(column, justify="right")
+    angular = record["angular"]
+    for i, bi in enumerate(record["block_influence"]):
+        table.add_row(str(i), f"{bi:.4f}", f"{angular[i]:.4f}" if i < len(angular) else "", "x" if i in removed else "")
+    Console().print(table)
+
+
+def plot_scores(record: dict, path: str | os.PathLike) -> Path:
+    """Two bar charts (block influence per layer, angular distance per run start), removed layers
+    highlighted, written to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    removed = set(record["removed"])
+    bi, angular = record["block_influence"], record["angular"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.3 * len(bi)), 6), sharex=True)
+    top.bar(range(len(bi)), bi, color=["tab:red" if i in removed else "tab:blue" for i in range(len(bi))])
+    top.set_ylabel("block influence\n(1 - cos in/out)")
+    top.set_title(f"{record['config']['criterion']}: removed layers {sorted(removed)} (red)")
+    bottom.bar(range(len(angular)), angular, color="tab:gray")
+    bottom.set_ylabel(f"angular distance\nrun of {record['config']['layers']}")
+    bottom.set_xlabel("decoder layer (start of the run, below)")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
