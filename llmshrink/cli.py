@@ -243,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd_prune)
 
+    from .heal import add_cli as add_heal_cli
     from .pack import add_cli as add_pack_cli
+
+    add_heal_cli(sub)  # heal
 
     add_pack_cli(sub)  # pack, unpack
 

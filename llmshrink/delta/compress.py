@@ -109,8 +109,13 @@ def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str,
     initial mean |delta|) so the base + delta model's logits match the fine-tuned model's
     (KL divergence on calibration windows). Updates `tensors[<name>.scale]` in place.
 
+    The forwards run under bf16 autocast where the CPU (or a GPU) has native bf16 matmul; the
+    scales, the loss and the optimizer stay fp32.
+
     Returns {"steps", "kl_first", "kl_last"} (mean KL of the first and last 10% of steps)."""
     from transformers import AutoModelForCausalLM
+
+    from ..gptq.apply import native_bf16_cpu
 
     teacher = AutoModelForCausalLM.from_pretrained(finetuned_folder, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
@@ -133,14 +138,16 @@ def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str,
     log_m = {k: torch.zeros_like(scale0[k], requires_grad=True) for k in keys}
     opt = torch.optim.Adam(log_m.values(), lr=lr)
     losses = []
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16_cpu())
     bar = tqdm(range(steps), desc="distil scales", unit="step", disable=not progress)
     for step in bar:
         rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(calib)
         ids = calib[rows]
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             target = torch.log_softmax(teacher(ids).logits.float(), dim=-1)
         weights = {model_name[k]: params[k] + scale0[k] * log_m[k].exp() * signs[k] for k in keys}
-        logits = torch.func.functional_call(student, weights, (ids,), tie_weights=True).logits
+        with autocast:
+            logits = torch.func.functional_call(student, weights, (ids,), tie_weights=True).logits
         loss = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1).flatten(0, 1), target.flatten(0, 1),
                                           log_target=True, reduction="batchmean")
         opt.zero_grad()
@@ -151,7 +158,8 @@ def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str,
     for k in keys:
         tensors[f"{k}.scale"] = (scale0[k] * log_m[k].detach().exp()).float()
     tail = max(1, steps // 10)
-    return {"steps": steps, "kl_first": sum(losses[:tail]) / tail, "kl_last": sum(losses[-tail:]) / tail}
+    return {"steps": steps, "kl_first": sum(losses[:tail]) / tail, "kl_last": sum(losses[-tail:]) / tail,
+            "autocast": "bfloat16" if autocast.fast_dtype == torch.bfloat16 and native_bf16_cpu() else "off"}
 
 
 @register_method(DeltaConfig)

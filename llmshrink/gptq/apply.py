@@ -80,15 +80,17 @@ def _empty_model(folder: Path):
     return model.eval()
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 forwards pay there."""
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() \
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def calib_dtype(config: GPTQConfig) -> torch.dtype:
     """The dtype of the calibration forwards `config.calib_dtype` asks for on this machine."""
     if config.calib_dtype != "auto":
         return getattr(torch, config.calib_dtype)
-    if torch.cuda.is_available():
-        return torch.bfloat16
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() \
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if torch.cuda.is_available() or native_bf16_cpu() else torch.float32
 
 
 def _cast_floats(value, dtype: torch.dtype):
