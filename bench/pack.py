@@ -10,12 +10,14 @@ runs with `verify="both"` (what `llmshrink unpack --verify-file` does) as an ext
     python bench/pack.py --threads 2 --repeats 3
 
 Decode GB/s = original bytes / seconds, best of --repeats, in memory (the file is in the page
-cache); llmshrink's includes checking every chunk's recorded sha256 (and, in the --verify-file
-row, the whole file's). "cpu s" is the process CPU time of that decode and "cpu s/GB" that per
+cache); llmshrink's includes checking every chunk's recorded XXH3-128 checksum (and, in the
+--verify-file row, the whole file's sha256). "cpu s" is the process CPU time of that decode and "cpu s/GB" that per
 original GB, the figure least moved by other work on the machine; "cpu-bound GB/s" = bytes /
 (cpu s / threads) estimates what the decoder's threads would reach on idle cores (an upper
 bound: it assumes perfect scaling). The load average is printed before, between and after.
 zipnn is optional: `pip install -c constraints.txt zipnn` (it builds a C extension).
+Then (unless --no-compose) the Deep Compression composition: packed ratios of magnitude-pruned
+bf16 copies (50% unstructured, 2:4) and of a 4-bit GPTQ checkpoint of the model.
 """
 
 from __future__ import annotations
@@ -104,6 +106,46 @@ def zipnn(data: bytes, digest: str, dtype: str, threads: int, repeats: int) -> d
     return {"packed": len(packed), "encode": encode, "decode": wall, "cpu": cpu, "threads": threads}
 
 
+def _prune(w: torch.Tensor, pattern: str) -> torch.Tensor:
+    """Magnitude pruning of a [out, in] weight: half of each row (unstructured) or 2 of every 4 (2:4)."""
+    if pattern == "2:4":
+        groups = w.reshape(-1, 4)
+        keep = groups.abs().argsort(dim=1)[:, 2:]
+        return torch.zeros_like(groups).scatter(1, keep, groups.gather(1, keep)).reshape(w.shape)
+    cut = w.abs().kthvalue(w.shape[1] // 2, dim=1, keepdim=True).values
+    return torch.where(w.abs() > cut, w, torch.zeros_like(w))
+
+
+def compose(source: Path, level: int, threads: int) -> None:
+    """Deep Compression's last step: how well pruned zeros and quantized codes pack (ratios only).
+
+    Pruned copies: bf16, every decoder linear magnitude-pruned (the embedding kept). Quantized:
+    the default model as a 4-bit g128 RTN GPTQ checkpoint (int32 codes, fp16 scales/zeros, fp16
+    embedding), packed as a folder."""
+    from llmshrink import GPTQConfig, quantize
+    from llmshrink.pack import pack_folder
+
+    print("\nDeep Compression composition (ratio = original bytes / packed bytes, ours, level "
+          f"{level}):\n| checkpoint | original MB | packed MB | ratio |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="llmshrink-bench-compose-") as tmp:
+        tensors = load_file(str(source))
+        for pattern in ("50% unstructured", "2:4"):
+            pruned = {k: (_prune(v, "2:4" if pattern == "2:4" else "half") if ".layers." in k and v.dim() == 2 else v)
+                      .to(torch.bfloat16) for k, v in tensors.items()}
+            path, out = Path(tmp) / "pruned.safetensors", Path(tmp) / "pruned.llmpack"
+            save_file(pruned, str(path), metadata={"format": "pt"})
+            packed = pack_codec.encode_file(path, out, level=level, threads=threads)["packed_size"]
+            size = path.stat().st_size
+            print(f"| bf16, decoder linears {pattern} magnitude-pruned | {size / 1e6:.1f} | {packed / 1e6:.1f} | "
+                  f"{size / packed:.3f} |", flush=True)
+        del tensors
+        q = quantize(str(source.parent), GPTQConfig(bits=4, group_size=128, method="rtn", clip_search=False),
+                     Path(tmp) / "q", progress=False)
+        summary = pack_folder(q, Path(tmp) / "qp", level=level, threads=threads)
+        print(f"| GPTQ 4-bit g128 (RTN) checkpoint | {summary.tensor_bytes / 1e6:.1f} | "
+              f"{summary.packed_bytes / 1e6:.1f} | {summary.ratio:.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -113,6 +155,7 @@ def main() -> None:
     parser.add_argument("--level", type=int, default=pack_codec.DEFAULT_LEVEL, help="ours and plain zstd")
     parser.add_argument("--no-zipnn", action="store_true")
     parser.add_argument("--work", help="folder for the copies (default: a temp folder, removed after)")
+    parser.add_argument("--no-compose", action="store_true", help="skip the prune/quantize -> pack ratios")
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="llmshrink-bench-pack-"))
@@ -156,6 +199,8 @@ def main() -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
+    if not args.no_compose:
+        compose(source, args.level, args.threads)
     print(f"\nload at end={os.getloadavg()[0]:.2f}\n")
     print("| dtype | method | original MB | packed MB | ratio | encode s | decode GB/s | decode cpu s | "
           "cpu s/GB | cpu-bound GB/s |")
