@@ -30,9 +30,9 @@ from llmshrink.safetensors_io import TensorIndex
 
 SETTINGS = {
     "bitdelta": DeltaConfig(codec="bitdelta"),
-    "bitdelta + distil 100": DeltaConfig(codec="bitdelta", distill_steps=100),
+    "bitdelta + distil 20": DeltaConfig(codec="bitdelta", distill_steps=20),  # slow on CPU: ~1 min per step
     "bitdelta rows": DeltaConfig(codec="bitdelta", scale_granularity="row"),
-    "bitdelta, embedding exact fp16": DeltaConfig(codec="bitdelta", exact=("*embed_tokens*",), exact_dtype="float16"),
+    "bitdelta embedding-exact-fp16": DeltaConfig(codec="bitdelta", exact=("*embed_tokens*",), exact_dtype="float16"),
     "lowrank r16": DeltaConfig(codec="lowrank", rank=16),
     "lowrank r64": DeltaConfig(codec="lowrank", rank=64),
     "dare p0.9": DeltaConfig(codec="dare", p=0.9),
@@ -59,6 +59,10 @@ def main() -> None:
     ap.add_argument("--output", help="write the rows as JSON here")
     args = ap.parse_args()
 
+    names = {"all": tuple(SETTINGS), "quick": QUICK}.get(args.settings) or tuple(args.settings.split(","))
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
     base = resolve_model("smollm2-135m")
     finetuned = str(finetuned_model())
     tokenizer = load_tokenizer(base)
@@ -73,10 +77,6 @@ def main() -> None:
     print(f"domain ppl ({len(ids)} tokens, seqlen {args.seqlen}): base {ppl['base']:.3f}, "
           f"fine-tuned {ppl['fine-tuned']:.3f}; fine-tune on disk {folder_size(finetuned, ('.safetensors',)) / 2**20:.1f} MiB "
           f"(fp32), fp16 copy {full16 / 2**20:.1f} MiB")
-    names = {"all": tuple(SETTINGS), "quick": QUICK}.get(args.settings) or tuple(args.settings.split(","))
-    unknown = [n for n in names if n not in SETTINGS]
-    if unknown:
-        raise SystemExit(f"unknown setting {unknown[0]!r}; known: {', '.join(SETTINGS)}")
     with tempfile.TemporaryDirectory(prefix="llmshrink-bench-delta-") as tmp:
         for name in names:
             out = Path(tmp) / name.replace(" ", "_")
