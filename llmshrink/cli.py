@@ -81,7 +81,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
                    seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
-    print(f"{config.codec} {config.bits}-bit g{config.group_size} checkpoint written to {out} "
+    print(f"{config.method} {config.bits}-bit g{config.group_size} checkpoint written to {out} "
           f"in {time.perf_counter() - started:.0f} s")
     return 0
 
