@@ -124,7 +124,8 @@ def read_delta(folder: str | os.PathLike) -> tuple[dict, dict[str, dict[str, tor
     return meta, parts
 
 
-def _params_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def params_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, tied ones under each of their names."""
     return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
 
 
@@ -132,7 +133,7 @@ def apply_delta(model: torch.nn.Module, meta: dict, parts: dict[str, dict[str, t
     """Add the decoded delta to the base model's weights, in place (fp32 arithmetic)."""
     from ..arch import checkpoint_names
 
-    params = _params_by_name(model)
+    params = params_by_name(model)
     names = checkpoint_names(model, list(meta["tensors"]))
     bits = tuple(meta["config"].get("mixed_bits", ()))
     with torch.no_grad():

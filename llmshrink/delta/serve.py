@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import UsageError
 from ..safetensors_io import TensorIndex
 from .algorithm import decode, delta_matmul, delta_rows, mixed_factors
-from .load import check_base, read_delta
+from .load import check_base, params_by_name, read_delta
 
 __all__ = ["DeltaModel"]
 
@@ -107,8 +107,7 @@ class DeltaModel(nn.Module):
         # checkpoint name -> tensor, taken before any module is wrapped (wrapping renames them)
         from ..arch import checkpoint_names
 
-        own = {**dict(self.model.named_parameters(remove_duplicate=False)),
-               **dict(self.model.named_buffers(remove_duplicate=False))}
+        own = params_by_name(self.model)
         keys = TensorIndex(self.base_folder).keys()
         self._params = {key: own[name] for key, name in checkpoint_names(self.model, keys).items() if name in own}
 
