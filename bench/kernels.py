@@ -109,7 +109,7 @@ def bench_generate(new_tokens: int) -> None:
     model, tokenizer, source = load_model("smollm2-135m")
     prompt = tokenizer("The history of the city begins", return_tensors="pt").input_ids
     with tempfile.TemporaryDirectory() as tmp:
-        out = quantize(source, GPTQConfig(bits=4, group_size=128, method="rtn", clip_search=False), Path(tmp) / "q",
+        out = quantize(source, GPTQConfig(bits=4, group_size=128, algorithm="rtn", clip_search=False), Path(tmp) / "q",
                        progress=False)
         models = {"fp32 dense": model, "bf16 dense": load_model("smollm2-135m", dtype="bfloat16")[0]}
         for dtype in (torch.bfloat16, torch.float32):

@@ -139,7 +139,7 @@ def compose(source: Path, level: int, threads: int) -> None:
             print(f"| bf16, decoder linears {pattern} magnitude-pruned | {size / 1e6:.1f} | {packed / 1e6:.1f} | "
                   f"{size / packed:.3f} |", flush=True)
         del tensors
-        q = quantize(str(source.parent), GPTQConfig(bits=4, group_size=128, method="rtn", clip_search=False),
+        q = quantize(str(source.parent), GPTQConfig(bits=4, group_size=128, algorithm="rtn", clip_search=False),
                      Path(tmp) / "q", progress=False)
         summary = pack_folder(q, Path(tmp) / "qp", level=level, threads=threads)
         print(f"| GPTQ 4-bit g128 (RTN) checkpoint | {summary.tensor_bytes / 1e6:.1f} | "

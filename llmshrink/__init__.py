@@ -4,8 +4,9 @@ from .auto import AutoModelForCausalLM
 from .delta import DeltaConfig, DeltaModel, compress_delta
 from .delta.hf import register_with_transformers as _register_delta_with_transformers
 from .errors import UsageError
-from .gptq.config import GPTQConfig
+from .gptq.config import GPTQConfig, RTNConfig
 from .gptq.hf import register_with_transformers as _register_with_transformers
+from .heal import HealConfig, heal
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
 from .quantize import quantize
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 _register_with_transformers()
 _register_delta_with_transformers()
 
-__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "LayerPruneConfig",
-           "UsageError", "WeightPruneConfig", "compress_delta", "load_model", "load_tokenizer", "prune", "quantize",
-           "resolve_model", "__version__"]
+__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "HealConfig",
+           "LayerPruneConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress_delta", "heal", "load_model",
+           "load_tokenizer", "prune", "quantize", "resolve_model", "__version__"]

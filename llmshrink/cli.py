@@ -76,12 +76,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     config = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
                         damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,
-                        static_groups=args.static_groups, method=args.method, clip_search=not args.no_clip_search,
+                        static_groups=args.static_groups, algorithm=args.method, clip_search=not args.no_clip_search,
                         calib_dtype=args.calib_dtype, lm_head=args.lm_head)
     started = time.perf_counter()
     out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
                    seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
-    print(f"{config.method} {config.bits}-bit g{config.group_size} checkpoint written to {out} "
+    print(f"{config.algorithm} {config.bits}-bit g{config.group_size} checkpoint written to {out} "
           f"in {time.perf_counter() - started:.0f} s")
     return 0
 

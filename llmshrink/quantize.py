@@ -12,12 +12,13 @@ from .calibration import calibration_windows
 from .config import register_method
 from .errors import UsageError
 from .gptq.apply import quantize_checkpoint
-from .gptq.config import GPTQConfig
+from .gptq.config import GPTQConfig, RTNConfig
 from .models import load_tokenizer, resolve_model
 
 __all__ = ["quantize"]
 
 
+@register_method(RTNConfig)
 @register_method(GPTQConfig)
 def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str | torch.Tensor | None = None,
              nsamples: int = 128, seqlen: int = 512, seed: int = 0, overwrite: bool = False,
@@ -27,7 +28,7 @@ def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str
     Args:
         model: packaged name, folder or Hub id (quantized one layer at a time from its safetensors),
             or a loaded transformers model (saved to a temp folder first).
-        config: a GPTQConfig (method "gptq" or "rtn").
+        config: a GPTQConfig (algorithm "gptq" or "rtn"), or an RTNConfig.
         out: checkpoint folder to write.
         calibration: None for the packaged wiki text's calibration half, a path to a local
             .txt/.jsonl file, or [nsamples, seqlen] token ids.

@@ -256,7 +256,7 @@ def _replay_block(layer, steps, i: int, hidden_size: int) -> torch.nn.Module | N
 
 def _quantize_weight(weight: torch.Tensor, H, config: GPTQConfig):
     grid = DEFAULT_SHRINK_GRID if config.clip_search else (1.0,)
-    if config.method == "rtn":
+    if config.algorithm == "rtn":
         return rtn_quantize(weight, config.bits, config.group_size, config.sym, grid,
                             None if H is None else torch.diag(H))
     return gptq_quantize(weight, H, config.bits, config.group_size, sym=config.sym,
@@ -265,7 +265,7 @@ def _quantize_weight(weight: torch.Tensor, H, config: GPTQConfig):
 
 
 def _needs_hessian(config: GPTQConfig) -> bool:
-    return not (config.method == "rtn" and not config.clip_search)
+    return not (config.algorithm == "rtn" and not config.clip_search)
 
 
 def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
@@ -395,7 +395,7 @@ def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> d
         "checkpoint_format": "gptq",
         "bits": config.bits,
         "group_size": config.group_size,
-        "desc_act": config.desc_act and config.method == "gptq",  # RTN has no column order
+        "desc_act": config.desc_act and config.algorithm == "gptq",  # RTN has no column order
         "sym": config.sym,
         "damp_percent": config.damp_percent,
         "true_sequential": config.true_sequential,

@@ -10,7 +10,7 @@ from ..config import MethodConfig
 from ..errors import UsageError
 from .packing import SUPPORTED_BITS
 
-__all__ = ["GPTQConfig"]
+__all__ = ["GPTQConfig", "RTNConfig"]
 
 _OVERRIDABLE = ("bits", "group_size", "desc_act", "sym", "damp_percent", "static_groups")
 
@@ -31,7 +31,8 @@ class GPTQConfig(MethodConfig):
         static_groups: with desc_act, keep groups contiguous in the original channel order (each
             group's grid fixed before error feedback), so g_idx stays monotone and kernels need no
             reordering. On by default; it also scored best on the packaged model.
-        method: "gptq", or "rtn" (round to nearest on the same grid and packing: the baseline).
+        algorithm: "gptq", or "rtn" (round to nearest on the same grid and packing: the baseline;
+            `RTNConfig` is the same config with this preset, registered as method `rtn`).
         clip_search: search each group's range for the least Hessian-weighted error.
         dynamic: per-module overrides by regex on the module name, first match wins:
             {"re:.*mlp.down_proj": {"bits": 8}}; {"-:.*lm_head"} style keys ("-:" prefix) skip modules.
@@ -52,7 +53,7 @@ class GPTQConfig(MethodConfig):
     damp_percent: float = 0.01
     true_sequential: bool = True
     static_groups: bool = True
-    method: str = "gptq"
+    algorithm: str = "gptq"
     clip_search: bool = True
     dynamic: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     lm_head: bool = False
@@ -60,8 +61,8 @@ class GPTQConfig(MethodConfig):
 
     def validate(self) -> None:
         _check_grid(self.bits, self.group_size, self.damp_percent, where="")
-        if self.method not in ("gptq", "rtn"):
-            raise UsageError(f"method='{self.method}' is not known; use 'gptq' or 'rtn'")
+        if self.algorithm not in ("gptq", "rtn"):
+            raise UsageError(f"algorithm='{self.algorithm}' is not known; use 'gptq' or 'rtn'")
         if self.calib_dtype not in ("auto", "float32", "bfloat16"):
             raise UsageError(f"calib_dtype='{self.calib_dtype}' is not known; use 'auto', 'float32' or 'bfloat16'")
         for key, overrides in self.dynamic.items():
@@ -95,6 +96,21 @@ class GPTQConfig(MethodConfig):
         for key, overrides in self.dynamic.items():
             out[("-:" if key.startswith("-:") else "+:") + _pattern(key)] = {} if key.startswith("-:") else dict(overrides)
         return out
+
+
+@dataclasses.dataclass
+class RTNConfig(GPTQConfig):
+    """Round-to-nearest quantization: `GPTQConfig` with algorithm "rtn" (no calibration forwards
+    unless `clip_search`), registered as its own method so pipelines can name the step `rtn`."""
+
+    METHOD = "rtn"
+
+    algorithm: str = "rtn"
+
+    def validate(self) -> None:
+        if self.algorithm != "rtn":
+            raise UsageError(f"an rtn step has algorithm='rtn', not '{self.algorithm}'; use a gptq step for GPTQ")
+        super().validate()
 
 
 def _pattern(key: str) -> str:

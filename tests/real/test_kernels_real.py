@@ -14,7 +14,7 @@ pytestmark = pytest.mark.real
 def test_default_model_logits_agree_across_kernels(tmp_path, monkeypatch, real_model, bits, bf16_kernel):
     _, tokenizer, source = real_model
     # RTN is enough: the kernels see the same packed format either way, and it takes seconds.
-    out = quantize(source, GPTQConfig(bits=bits, group_size=128, method="rtn", clip_search=False), tmp_path / "q",
+    out = quantize(source, GPTQConfig(bits=bits, group_size=128, algorithm="rtn", clip_search=False), tmp_path / "q",
                    progress=False)
     x = tokenizer("The quick brown fox jumps over the lazy dog because it was late for", return_tensors="pt").input_ids
 

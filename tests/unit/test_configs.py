@@ -7,7 +7,8 @@ import pytest
 from llmshrink import UsageError
 import llmshrink.config as method_registry
 from llmshrink.config import MethodConfig, config_from_dict, register_method
-from llmshrink.gptq.config import GPTQConfig
+from llmshrink.config import METHODS
+from llmshrink.gptq.config import GPTQConfig, RTNConfig
 
 
 def test_gptq_config_round_trips_through_json():
@@ -17,12 +18,24 @@ def test_gptq_config_round_trips_through_json():
     assert GPTQConfig.from_dict(data) == config
 
 
+def test_every_registered_config_round_trips_and_no_field_shadows_the_registry_keys():
+    assert {"gptq", "rtn", "layer_prune", "weight_prune", "heal", "delta"} <= set(METHODS)
+    for name, (cls, _) in METHODS.items():
+        assert not {"method", "version"} & {f.name for f in dataclasses.fields(cls)}, name
+        assert config_from_dict(json.loads(json.dumps(cls().to_dict()))) == cls(), name
+    rtn = GPTQConfig(algorithm="rtn", bits=3)  # once a field named `method` overwrote the registry key
+    assert config_from_dict(rtn.to_dict()) == rtn
+    assert config_from_dict({"method": "rtn", "bits": 8}) == RTNConfig(bits=8)
+    with pytest.raises(UsageError, match="use a gptq step"):
+        RTNConfig(algorithm="gptq")
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(bits=5), "bits=5 is not supported; use one of 2, 3, 4, 8"),
     (dict(group_size=0), "group_size=0 is invalid"),
     (dict(group_size=-2), "group_size=-2 is invalid"),
     (dict(damp_percent=1.5), "damp_percent=1.5 must be between 0 and 1"),
-    (dict(method="awq"), "method='awq' is not known"),
+    (dict(algorithm="awq"), "algorithm='awq' is not known"),
     (dict(dynamic={"re:.*down_proj": {"bits": 6}}), r"bits=6 in dynamic\['re:.\*down_proj'\]"),
     (dict(dynamic={"re:.*down_proj": {"colour": 1}}), "cannot override 'colour'"),
     (dict(dynamic={"re:([": {}}), "not a valid regex"),

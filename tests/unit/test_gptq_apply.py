@@ -175,12 +175,12 @@ def test_quantize_api_and_auto_loader(tmp_path):
     import llmshrink
 
     model = _save_tiny(tmp_path / "src")
-    out = llmshrink.quantize(model, llmshrink.GPTQConfig(method="rtn", clip_search=False, group_size=16),
+    out = llmshrink.quantize(model, llmshrink.GPTQConfig(algorithm="rtn", clip_search=False, group_size=16),
                              tmp_path / "rtn", calibration=_calib(), progress=False)
     loaded = llmshrink.AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(loaded.model.layers[0].mlp.down_proj, QuantLinear)
     info = json.loads((out / "config.json").read_text())["quantization_config"]["llmshrink"]
-    assert info["config"]["method"] == "rtn" and info["calibration"]["source"] == "tensor"
+    assert info["config"]["algorithm"] == "rtn" and info["calibration"]["source"] == "tensor"
     plain = llmshrink.AutoModelForCausalLM.from_pretrained(tmp_path / "src")
     assert isinstance(plain.model.layers[0].mlp.down_proj, torch.nn.Linear)
     with pytest.raises(UsageError, match="never runs a model's remote code"):
