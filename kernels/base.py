@@ -16,6 +16,7 @@ class Kernel:
 
     name: ClassVar[str]
     automatic: ClassVar[tuple[str, ...] | None] = None  # device types select_kernel may pick it for unasked
+    differentiable: ClassVar[bool] = False  # autograd reaches x through forward (else QuantLinear supplies dx)
 
     def __init__(self, layer, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype

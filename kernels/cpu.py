@@ -143,6 +143,7 @@ class Int8CpuKernel(Kernel):
 
 class TiledDequantKernel(Kernel):
     name = "torch-dequant"
+    differentiable = True  # plain torch ops
     TILE_ELEMENTS = 2**20  # weights dequantized at a time
 
     @classmethod

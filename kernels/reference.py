@@ -14,6 +14,7 @@ __all__ = ["ReferenceKernel"]
 
 class ReferenceKernel(Kernel):
     name = "reference"
+    differentiable = True  # plain torch ops
 
     def __init__(self, layer, device, dtype):
         super().__init__(layer, device, dtype)

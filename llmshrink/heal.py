@@ -5,8 +5,10 @@ fine-tune on calibration text wins much of it back. The loss is cross-entropy on
 (`ce`), logit distillation from the unpruned teacher (`kd`: KL(teacher || student) at
 temperature T, times T^2) or both (`ce+kd`: alpha * KD + (1 - alpha) * CE).
 
-- `lora`: the pruned model in fp32, peft LoRA on every decoder linear. `qlora`: the frozen base
-  in bitsandbytes NF4 (on the CPU every quantized linear's output width must divide by 32).
+- `lora`: the pruned model in fp32, peft LoRA on every decoder linear; on an llmshrink/GPTQ
+  checkpoint the LoRA layers wrap its packed QuantLinear modules (see `llmshrink.adapters`; such
+  an adapter cannot be merged). `qlora`: the frozen base in bitsandbytes NF4 (on the CPU every
+  quantized linear's output width must divide by 32).
 - Runs through `accelerate.Accelerator`, like `llmshrink.finetune`: one process as is, or N under
   `accelerate launch` (each batch split over the processes; only the main process evaluates and saves).
 - Output, written through `atomic_dir` (a crash leaves no half folder):
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .adapters import adapter_mismatch, add_lora, load_adapter, lora_config
 from .calibration import calibration_windows
 from .config import MethodConfig, register_method
 from .errors import UsageError
@@ -56,6 +59,9 @@ RECORD = "llmshrink_heal.json"
 ADAPTERS = ("lora", "qlora")
 LOSSES = ("ce", "kd", "ce+kd")
 QLORA_MULTIPLE = 32  # bitsandbytes' CPU NF4 path needs output widths divisible by 32
+_NO_MERGE = ("{model} is a quantized checkpoint, whose packed weights cannot absorb an adapter; keep the adapter "
+             "(no --merge) and load it with llmshrink.AutoModelForCausalLM.from_pretrained(OUT), or heal the "
+             "unquantized model and quantize the merged result")
 
 
 # ----------------------------------------------------------------------------- config
@@ -192,17 +198,33 @@ def _check_qlora_widths(resolved: str) -> None:
                          "use --method lora")
 
 
+def _quantization(resolved: str) -> str | None:
+    """The quant_method of a checkpoint's quantization_config ("gptq", ...), or None."""
+    from transformers import AutoConfig
+
+    qc = getattr(AutoConfig.from_pretrained(resolved), "quantization_config", None)
+    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
+    return None if qc is None else str(qc.get("quant_method"))
+
+
 def _load_student(resolved: str, method: str):
+    """The model to train, in fp32 compute: plain (lora), NF4 (qlora) or a GPTQ checkpoint's
+    QuantLinear modules, kept packed (lora on a quantized base)."""
     from transformers import AutoModelForCausalLM
 
+    quantized = _quantization(resolved)
+    if quantized == "gptq" and method == "lora":
+        from .gptq.load import load_quantized
+
+        return load_quantized(resolved, dtype=torch.float32)
+    if quantized is not None:
+        fix = "use --method lora, which trains on its quantized weights" if quantized == "gptq" else \
+            "heal the unquantized model (--method qlora quantizes it itself)"
+        raise UsageError(f"{resolved} is a {quantized} checkpoint, which --method {method} cannot train; {fix}")
     if method == "qlora":
         _check_qlora_widths(resolved)
         return AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32, quantization_config=_bnb_config())
-    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32)
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise UsageError(f"{resolved} is a quantized checkpoint; heal the unquantized pruned model "
-                         "(--method qlora quantizes it itself)")
-    return model
+    return AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32)
 
 
 def _load_tokenizer(resolved: str):
@@ -226,13 +248,10 @@ def _check_teacher(student, student_tok, teacher, teacher_tok, model: str, teach
                          "distillation needs the same tokenizer: give the model the pruned one came from")
 
 
-def _lora_config(config: HealConfig):
-    from peft import LoraConfig
-
+def _lora_config(model, config: HealConfig):
     targets = config.target_modules if config.target_modules == "all-linear" else \
         [t.strip() for t in config.target_modules.split(",") if t.strip()]
-    return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    return lora_config(model, config.rank, config.lora_alpha, config.lora_dropout, targets)
 
 
 def _linear4bit_modules(model) -> list[torch.nn.Module]:
@@ -261,29 +280,6 @@ def _eval_mode(model):
         yield model
     finally:
         model.train(was_training)
-
-
-def _adapter_mismatch(model, adapter: Path, resolved: str) -> str | None:
-    """Why the peft adapter in `adapter` does not fit `model` (loaded from `resolved`), or None."""
-    from safetensors import safe_open
-
-    cfg_path = adapter / "adapter_config.json"
-    if not cfg_path.is_file():
-        return f"{adapter} has no adapter_config.json"
-    base = json.loads(cfg_path.read_text()).get("base_model_name_or_path")
-    if base and os.path.realpath(base) != os.path.realpath(resolved) and base != resolved:
-        return f"the adapter in {adapter} was trained on {base}, not {resolved}"
-    params = dict(model.named_parameters())
-    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            name = key.replace(".lora_A.weight", ".lora_A.default.weight")
-            name = name.replace(".lora_B.weight", ".lora_B.default.weight")
-            shape = tuple(f.get_slice(key).get_shape())
-            if name not in params:
-                return f"the adapter in {adapter} has {key}, which {resolved} does not have"
-            if tuple(params[name].shape) != shape:
-                return f"the adapter's {key} is {list(shape)} but {resolved} needs {list(params[name].shape)}"
-    return None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -398,7 +394,6 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
         `out`.
     """
     from accelerate import Accelerator, DistributedType
-    from peft import get_peft_model
     from safetensors.torch import load_file
 
     config.validate()
@@ -420,6 +415,8 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
     state = _read_checkpoint(ckpt, config, world) if resume else None
 
     resolved = resolve_model(model)
+    if config.merge and _quantization(resolved) is not None:
+        raise UsageError(_NO_MERGE.format(model=resolved))
     tokenizer = _load_tokenizer(resolved)
     student = _load_student(resolved, config.adapter)
     teacher_model, teacher_resolved = None, None
@@ -435,9 +432,9 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
         logger.warning("loss='ce' does not use the teacher %s", teacher)
 
     torch.manual_seed(config.seed)  # the same LoRA init on every process and every run
-    peft_model = get_peft_model(student, _lora_config(config))
+    peft_model = add_lora(student, _lora_config(student, config))
     if state is not None:
-        why = _adapter_mismatch(peft_model, ckpt / "adapter", resolved)
+        why = adapter_mismatch(peft_model, ckpt / "adapter", resolved)
         if why:
             raise UsageError(f"cannot resume: {why}; remove {ckpt} or give the model it was trained on")
         from peft import set_peft_model_state_dict
@@ -562,24 +559,20 @@ def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, out: str
     Returns:
         `out`.
     """
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     out, adapter = Path(out), Path(adapter)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    if not (adapter / "adapter_config.json").is_file():
-        raise UsageError(f"{adapter} has no adapter_config.json; give a folder written by 'llmshrink heal'")
     resolved = resolve_model(model)
+    if _quantization(resolved) is not None:
+        raise UsageError(_NO_MERGE.format(model=resolved))
     tokenizer = _load_tokenizer(resolved)
-    lora_config = LoraConfig.from_pretrained(str(adapter))
-    lora_config.base_model_name_or_path = None  # the base is checked below, not renamed by peft
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32), lora_config)
-    why = _adapter_mismatch(peft_model, adapter, resolved)
-    if why:
-        raise UsageError(f"cannot merge: {why}; give the model the adapter was trained on")
-    set_peft_model_state_dict(peft_model, load_file(str(adapter / "adapter_model.safetensors")))
+    try:
+        peft_model = load_adapter(AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32), adapter,
+                                  resolved)
+    except UsageError as e:
+        raise UsageError(str(e).replace("cannot load the adapter", "cannot merge")) from None
     merged = peft_model.merge_and_unload()
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)

@@ -70,6 +70,8 @@ class QuantLinear(nn.Module):
         kernel = self.kernel
         if kernel is None or kernel.device != x.device or kernel.dtype != x.dtype:
             kernel = self.use_kernel(x.device, x.dtype)
+        if x.requires_grad and torch.is_grad_enabled() and not kernel.differentiable:
+            return _KernelMatmul.apply(x, self, kernel)  # LoRA on a quantized base needs dx
         return kernel(x)
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): the kernel is rebuilt on next use
@@ -84,3 +86,20 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}"
                 + (f", kernel={self.kernel.name}" if self.kernel is not None else ""))
+
+
+class _KernelMatmul(torch.autograd.Function):
+    """y = kernel(x) forward; dx = dy @ W backward, W dequantized from the buffers when needed.
+
+    The weights are frozen buffers, so x is the only input with a gradient (adapters trained on a
+    quantized base, e.g. LoRA through peft, need it to reach earlier layers)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear, kernel) -> torch.Tensor:
+        ctx.layer = layer
+        return kernel(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight = ctx.layer.dequantized_weight().to(device=grad.device, dtype=grad.dtype)  # [out, in]
+        return grad @ weight, None, None

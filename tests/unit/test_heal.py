@@ -122,7 +122,7 @@ def _qlora(folder):
 
     model = _load_student(folder, "qlora")
     torch.manual_seed(0)
-    model = get_peft_model(model, _lora_config(HealConfig(rank=4, lora_alpha=8)))
+    model = get_peft_model(model, _lora_config(model, HealConfig(rank=4, lora_alpha=8)))
     for m in model.modules():  # peft starts lora_B at 0; make every gradient path non-trivial
         if hasattr(m, "lora_B"):
             torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)
@@ -315,6 +315,112 @@ def test_adapter_of_another_base_is_refused_for_merge_and_resume(folders, monkey
     assert not out.exists()
     with pytest.raises(UsageError, match="nothing to resume"):
         heal(folders["pruned"], config, folders["root"] / "never-started", resume=True, progress=False)
+
+
+# ----------------------------------------------------------------------------- LoRA on a GPTQ checkpoint
+
+@pytest.fixture(scope="module")
+def gptq_folder(folders):
+    import llmshrink
+    from llmshrink import GPTQConfig
+
+    calib = torch.randint(1, 97, (8, 32), generator=torch.Generator().manual_seed(2))
+    out = folders["root"] / "pruned-gptq"
+    llmshrink.quantize(folders["pruned"], GPTQConfig(bits=4, group_size=16), out, calibration=calib, progress=False)
+    if not (out / "tokenizer.json").is_file():
+        char_tokenizer().save_pretrained(out)
+    return str(out)
+
+
+def _dequantized_copy(model):
+    """`model` with every QuantLinear replaced by an fp32 nn.Linear holding its dequantized weight."""
+    import copy
+
+    from llmshrink.gptq.linear import QuantLinear
+
+    model = copy.deepcopy(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantLinear):
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            linear.weight.data = m.dequantized_weight().float()
+            if m.bias is not None:
+                linear.bias.data = m.bias.float()
+            parent, leaf = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), leaf, linear)
+    return model
+
+
+def test_quant_linear_gives_its_input_the_gradient_of_the_dequantized_weight(monkeypatch):
+    from kernels.reference import ReferenceKernel
+    from llmshrink.gptq.linear import QuantLinear
+    from llmshrink.gptq.packing import pack_gptq
+
+    class Opaque(ReferenceKernel):  # a kernel autograd cannot see into, like torch-int4 or triton
+        differentiable = False
+
+        def forward(self, x):
+            with torch.no_grad():
+                return super().forward(x)
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32)
+    scales = w.abs().amax(dim=1, keepdim=True).repeat(1, 2) / 7  # [out, groups] of 16
+    zeros = torch.full((64, 2), 8, dtype=torch.int32)
+    codes = torch.clamp(torch.round(w / scales.repeat_interleave(16, dim=1)) + 8, 0, 15).to(torch.int32)
+    layer = QuantLinear.from_packed(pack_gptq(codes, zeros.t(), scales.t().half(), torch.arange(32) // 16, bits=4),
+                                    bits=4, group_size=16, dtype=torch.float32)
+    layer.kernel = Opaque(layer, torch.device("cpu"), torch.float32)
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    dy = torch.randn(3, 5, 64)
+    (layer(x) * dy).sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    (torch.nn.functional.linear(xr, layer.dequantized_weight().float()) * dy).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    assert x.grad.abs().sum() > 0
+
+
+def test_lora_on_a_gptq_checkpoint_trains_loads_back_and_matches_the_dequantized_model(folders, gptq_folder):
+    import llmshrink
+    from peft import PeftModel
+
+    from llmshrink.gptq.load import load_quantized
+    from llmshrink.gptq.linear import QuantLinear
+
+    out = folders["root"] / "gptq-lora"
+    heal(gptq_folder, small(loss="ce+kd", steps=6, calibration=folders["calib"]), out, teacher=folders["teacher"],
+         progress=False)
+    record = json.loads((out / RECORD).read_text())
+    assert record["loss_last"] < record["loss_first"]
+    weights = adapter_weights(out)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f"layers.1.{'self_attn' if proj[0] in 'qkvo' else 'mlp'}.{proj}.lora_B" in k
+                   and v.abs().sum() > 0 for k, v in weights.items()), proj  # every linear, the first layer too
+
+    loaded = llmshrink.AutoModelForCausalLM.from_pretrained(out)  # base recorded in the adapter
+    assert isinstance(loaded, PeftModel)
+    quant = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == 14
+    base = load_quantized(gptq_folder, dtype=torch.float32)
+    for (name, buf), (_, saved) in zip(base.model.layers[0].self_attn.q_proj.named_buffers(),
+                                       quant[0].named_buffers()):
+        assert torch.equal(buf, saved), name  # the packed weights were not touched
+
+    reference = PeftModel.from_pretrained(_dequantized_copy(base), out).eval()  # plain peft on nn.Linear
+    x = torch.randint(1, 97, (2, 20))
+    with torch.no_grad():
+        got = loaded(x).logits
+        torch.testing.assert_close(got, reference(x).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got, base(x).logits, atol=1e-3)  # the adapter takes part
+
+
+def test_gptq_checkpoint_refuses_merge_and_qlora(folders, gptq_folder):
+    with pytest.raises(UsageError, match="cannot absorb an adapter; keep the adapter"):
+        heal(gptq_folder, small(loss="ce", merge=True, calibration=folders["calib"]), folders["root"] / "gm")
+    with pytest.raises(UsageError, match="gptq checkpoint, which --method qlora cannot train; use --method lora"):
+        heal(gptq_folder, small(adapter="qlora", loss="ce", calibration=folders["calib"]), folders["root"] / "gq")
+    with pytest.raises(UsageError, match="cannot absorb"):
+        merge_adapter(gptq_folder, folders["root"] / "gptq-lora", folders["root"] / "gm2")
+    assert _nothing_written(folders["root"] / "gm") and _nothing_written(folders["root"] / "gq")
 
 
 def test_cli_parses_into_the_same_config(folders):
