@@ -118,6 +118,18 @@ def score_task(model, tokenizer, task: str, limit: int | None = None, batch_toke
     return out
 
 
+def weights_size(folder: str | Path) -> int:
+    """Bytes of the weight files a model needs: safetensors (packed or not); an adapter folder
+    counts its base too (delta folders name theirs by hash and are counted alone)."""
+    from ..adapters import adapter_base, is_adapter_folder
+    from ..pack import SUFFIX
+
+    size = folder_size(folder, suffixes=(".safetensors", ".bin", SUFFIX))
+    if is_adapter_folder(folder) and adapter_base(folder) and Path(adapter_base(folder)).is_dir():
+        size += weights_size(adapter_base(folder))
+    return size
+
+
 def model_stats(model, resolved: str) -> dict:
     """Size of the weight files on disk, parameter count and bits per parameter."""
     folder = Path(resolved)
@@ -125,7 +137,7 @@ def model_stats(model, resolved: str) -> dict:
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(resolved, local_files_only=True))
-    size = folder_size(folder, suffixes=(".safetensors", ".bin"))
+    size = weights_size(folder)
     from ..gptq.linear import QuantLinear
 
     # Quantized linears hold buffers, not parameters: count the weights they stand for.

@@ -8,6 +8,7 @@ from .gptq.config import GPTQConfig, RTNConfig
 from .gptq.hf import register_with_transformers as _register_with_transformers
 from .heal import HealConfig, heal
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from .pack import PackConfig
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
 from .quantize import quantize
 
@@ -20,5 +21,5 @@ _register_with_transformers()
 _register_delta_with_transformers()
 
 __all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "HealConfig",
-           "LayerPruneConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress_delta", "heal", "load_model",
-           "load_tokenizer", "prune", "quantize", "resolve_model", "__version__"]
+           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress_delta", "heal",
+           "load_model", "load_tokenizer", "prune", "quantize", "resolve_model", "__version__"]

@@ -40,7 +40,7 @@ class AutoModelForCausalLM:
         if trust_remote_code:
             raise UsageError("llmshrink never runs a model's remote code; load it with transformers yourself")
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        resolved = str(name) if is_adapter_folder(os.fspath(name)) else resolve_model(name)
+        resolved = resolve_model(name)
         if is_packed_folder(resolved):
             resolved = str(materialize(resolved))
         if is_delta_folder(resolved):

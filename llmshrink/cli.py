@@ -245,10 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .heal import add_cli as add_heal_cli
     from .pack import add_cli as add_pack_cli
+    from .pipeline import add_cli as add_run_cli
 
     add_heal_cli(sub)  # heal
 
     add_pack_cli(sub)  # pack, unpack
+
+    add_run_cli(sub)  # run
 
     p = sub.add_parser("prepare", help="convert a packaged model into the cache and print its folder",
                        description="Resolve a model name (converting the packaged GGUF once) and print its folder.")

@@ -23,13 +23,14 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from .config import MethodConfig, register_method
 from .errors import UsageError
 from .evals.data import corpus_documents
 from .evals.perplexity import perplexity_of_ids
@@ -88,7 +89,7 @@ def domain_perplexity(model, tokenizer, seqlen: int = 512, limit_windows: int | 
 # ----------------------------------------------------------------------------- config
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(MethodConfig):
     """A full fine-tune of a causal LM on the domain training passages.
 
     One optimizer step sees `batch_size * grad_accum` windows of `seqlen` tokens. Under
@@ -144,22 +145,6 @@ class FinetuneConfig:
             if not ok:
                 raise UsageError(message)
 
-    def to_dict(self) -> dict:
-        return {"method": self.METHOD, "version": self.VERSION, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FinetuneConfig":
-        """Inverse of `to_dict`; unknown keys warn, a newer version fails."""
-        d = dict(d)
-        if d.pop("method", cls.METHOD) != cls.METHOD:
-            raise UsageError(f"not a {cls.METHOD} config: method={d.get('method')!r}")
-        if d.pop("version", cls.VERSION) > cls.VERSION:
-            raise UsageError(f"{cls.METHOD} config version is newer than this llmshrink understands; upgrade llmshrink")
-        known = {f.name for f in fields(cls)}
-        for key in sorted(set(d) - known):
-            logger.warning("ignoring unknown %s config key '%s'", cls.METHOD, key)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based) of `steps`.
@@ -214,6 +199,7 @@ def _eval_ppl(model, tokenizer, config: FinetuneConfig) -> float:
     return ppl
 
 
+@register_method(FinetuneConfig)
 def finetune(model_name_or_path: str | Path | None, config: FinetuneConfig, out: str | Path,
              progress: bool = True) -> Path:
     """Fully fine-tune a causal LM on the domain training passages and save it to `out`.

@@ -132,7 +132,7 @@ def resolve_model(name: str | os.PathLike | None = None) -> str:
 
     Args:
         name: a packaged alias (`smollm2-135m`, also the default for None), a local folder
-            holding config.json, or a Hub id (resolved by transformers, from its cache when offline).
+            holding config.json (or a peft adapter's adapter_config.json), or a Hub id (resolved by transformers, from its cache when offline).
     Returns:
         A local folder path or the Hub id.
     """
@@ -141,6 +141,8 @@ def resolve_model(name: str | os.PathLike | None = None) -> str:
         return str(_ensure_packaged(name.lower()))
     path = Path(name).expanduser()
     if path.exists():
+        if (path / "adapter_config.json").is_file():  # a peft adapter (llmshrink heal): loads onto its base
+            return str(path)
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} has no config.json; give a folder saved with save_pretrained, "
                              f"a Hub id, or one of: {', '.join(PACKAGED_MODELS)}")

@@ -36,11 +36,12 @@ from pathlib import Path
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from .config import MethodConfig, register_method
 from .errors import UsageError
 from .io import atomic_dir, cache_dir
 from .pack_codec import DEFAULT_LEVEL, FORMAT, VERIFY, VERSION, decode_to_file, encode_file, read_table
 
-__all__ = ["MANIFEST", "PackSummary", "pack_folder", "unpack_folder", "is_packed_folder", "materialize", "add_cli"]
+__all__ = ["MANIFEST", "PackConfig", "PackSummary", "pack_folder", "unpack_folder", "is_packed_folder", "materialize", "add_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,36 @@ def _copy(src: Path, out: Path, names: list[str]) -> None:
     for name in names:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / name, out / name)
+
+
+@dataclass
+class PackConfig(MethodConfig):
+    """Lossless packing of a checkpoint folder (the `pack` pipeline step; `llmshrink pack`).
+
+    Args:
+        level: zstd level of the match-finding candidate per chunk (1-22; 0 = Huffman literals only).
+        threads: coding threads (None: os.cpu_count()).
+    """
+
+    METHOD = "pack"
+
+    level: int = DEFAULT_LEVEL
+    threads: int | None = None
+
+    def validate(self) -> None:
+        if not isinstance(self.level, int) or not 0 <= self.level <= 22:
+            raise UsageError(f"level={self.level} is outside 0-22; use 0 (Huffman only) to 22, e.g. {DEFAULT_LEVEL}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads={self.threads} is not a thread count; use 1 or more, or leave it out")
+
+
+def pack(src: str | os.PathLike, config: PackConfig, out: str | os.PathLike, overwrite: bool = False,
+         progress: bool = False) -> PackSummary:
+    """`pack_folder` with the settings of a PackConfig."""
+    return pack_folder(src, out, level=config.level, threads=config.threads, overwrite=overwrite, progress=progress)
+
+
+register_method(PackConfig)(pack)
 
 
 def pack_folder(src: str | os.PathLike, out: str | os.PathLike, level: int = DEFAULT_LEVEL, threads: int | None = None,

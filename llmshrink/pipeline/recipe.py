@@ -1,0 +1,388 @@
+"""Recipes: a YAML file naming a model, a list of method steps, calibration, evaluation and an output folder.
+
+    model: smollm2-135m
+    seed: 0
+    calibration: {source: wiki, nsamples: 64, seqlen: 512}
+    steps:
+      - {method: gptq, bits: 4, group_size: 128}
+    evaluate: {tasks: [wiki, piqa], limit: 100, seqlen: 512}
+    out: runs/quickstart
+
+Each step is exactly a registered method config in its `to_dict` form (`method` picks the
+registry entry; `version` is optional), the same form the checkpoint metadata records. The whole
+file is validated before any work: unknown keys (with the nearest known one), values of the
+wrong type, values a config rejects, steps in an order that cannot work, and steps that need
+calibration text when the recipe gives none all fail with the file and line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import METHODS, MethodConfig
+from ..errors import UsageError
+
+__all__ = ["Calibration", "Evaluation", "Recipe", "RecipeError", "load_recipe", "parse_recipe", "plan_lines"]
+
+logger = logging.getLogger(__name__)
+
+TOP_KEYS = ("model", "seed", "calibration", "steps", "evaluate", "out")
+
+
+class RecipeError(UsageError):
+    """A recipe problem, prefixed with where it is (`file:line:`)."""
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Text for the steps that need activations (GPTQ, Wanda, layer scores, RTN clip search)."""
+
+    source: str = "wiki"  # the wiki calibration half, or a .txt/.jsonl path
+    nsamples: int = 128
+    seqlen: int = 512
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """How the original and the compressed models are scored (see `llmshrink eval`)."""
+
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["wiki", "piqa", "hellaswag", "arc_easy"])
+    limit: int | None = 200
+    seqlen: int = 512
+    protocol: str = "gptq"
+    dtype: str = "float32"
+    batch_tokens: int = 4096
+    gen_tokens: int = 32
+    every_step: bool = True  # also score each intermediate step's output (for the trade-off plot)
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: str
+    steps: list[MethodConfig]
+    out: str
+    seed: int = 0
+    calibration: Calibration | None = None
+    evaluate: Evaluation | None = None
+    source: str = "<recipe>"  # the file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as YAML would hold it (what `parse_recipe` reads back)."""
+        return {"model": self.model, "seed": self.seed,
+                "calibration": None if self.calibration is None else dataclasses.asdict(self.calibration),
+                "steps": [s.to_dict() for s in self.steps],
+                "evaluate": None if self.evaluate is None else dataclasses.asdict(self.evaluate),
+                "out": self.out}
+
+
+# ----------------------------------------------------------------------------- reading YAML with line numbers
+
+def _lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map every key path (("steps", 0, "bits")) of a composed YAML document to its 1-based line."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            out[path + (key.value,)] = key.start_mark.line + 1
+            _lines(value, path + (key.value,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _lines(item, path + (i,), out)
+    return out
+
+
+def apply_override(data: dict, assignment: str, lines: dict[tuple, int | str]) -> None:
+    """Apply one `--set a.b.0.c=value` to the parsed recipe (value read as YAML: 8, true, [a, b])."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {assignment}: write it as KEY=VALUE, e.g. --set steps.0.bits=3")
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(map(str, parts[: depth + 1]))
+        if isinstance(node, list) and isinstance(part, int):
+            if part >= len(node):
+                raise RecipeError(f"--set {assignment}: {where} does not exist (the list has {len(node)} items)")
+            node = node[part]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise RecipeError(f"--set {assignment}: {where} is not a mapping or list index")
+    last = parts[-1]
+    if isinstance(node, list) and isinstance(last, int) and last < len(node):
+        node[last] = yaml.safe_load(raw)
+    elif isinstance(node, dict):
+        node[last] = yaml.safe_load(raw)
+    else:
+        raise RecipeError(f"--set {assignment}: {key} cannot be set")
+    lines[tuple(parts)] = f"--set {assignment}"
+
+
+# ----------------------------------------------------------------------------- validation
+
+class _Where:
+    """Formats `file:line: ` prefixes from key paths."""
+
+    def __init__(self, source: str, lines: dict[tuple, int | str]):
+        self.source, self.lines = source, lines
+
+    def __call__(self, path: tuple) -> str:
+        for n in range(len(path), -1, -1):
+            line = self.lines.get(path[:n])
+            if isinstance(line, str):
+                return f"{line}: "
+            if line is not None:
+                return f"{self.source}:{line}: "
+        return f"{self.source}: "
+
+    def error(self, path: tuple, message: str) -> RecipeError:
+        return RecipeError(self(path) + message)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (dict,) or hint is dict:
+        return isinstance(value, dict)
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return True  # anything else: left to the config's own validate
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _build(cls: type, data: Any, path: tuple, where: _Where, what: str, skip: tuple[str, ...] = ()):
+    """cls(**data) with unknown keys, wrong types and rejected values reported at their line."""
+    if not isinstance(data, dict):
+        raise where.error(path, f"{what} must be a mapping of keys to values, not {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        if key in skip:
+            continue
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            raise where.error(path + (key,), f"{what}: unknown key '{key}'"
+                              + (f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(names)}"))
+        if not _type_ok(value, hints[key]):
+            hint = ""
+            if isinstance(value, str) and _type_ok(1.0, hints[key]):
+                try:
+                    hint = f" (YAML reads '{value}' as text; write {float(value)!r})"
+                except ValueError:
+                    pass
+            raise where.error(path + (key,), f"{what}: {key}={value!r} should be {_type_name(hints[key])}{hint}")
+        values[key] = value
+    try:
+        return cls(**values)
+    except UsageError as e:
+        field = str(e).split("=", 1)[0].strip()
+        raise where.error(path + ((field,) if field in values else ()), f"{what}: {e}") from None
+
+
+def _step(data: Any, i: int, where: _Where) -> MethodConfig:
+    path = ("steps", i)
+    if not isinstance(data, dict) or "method" not in data:
+        raise where.error(path, f"steps[{i}] needs a 'method' key naming one of: {', '.join(sorted(METHODS))}")
+    method = data["method"]
+    if method not in METHODS:
+        near = difflib.get_close_matches(str(method), list(METHODS), n=1)
+        raise where.error(path + ("method",), f"steps[{i}]: unknown method '{method}'"
+                          + (f"; did you mean '{near[0]}'?" if near else "")
+                          + f"; known: {', '.join(sorted(METHODS))}")
+    cls = METHODS[method][0]
+    version = data.get("version", cls.VERSION)
+    if not isinstance(version, int) or version > cls.VERSION:
+        raise where.error(path + ("version",), f"steps[{i}] ({method}): version {version!r} is newer than this "
+                                               f"llmshrink understands (version {cls.VERSION}); upgrade llmshrink")
+    return _build(cls, data, path, where, f"steps[{i}] ({method})", skip=("method", "version"))
+
+
+def parse_recipe(data: Any, source: str = "<recipe>", lines: dict[tuple, int | str] | None = None) -> Recipe:
+    """Validate a parsed recipe mapping into a Recipe (configs built, order checked)."""
+    where = _Where(source, lines or {})
+    if not isinstance(data, dict):
+        raise where.error((), "a recipe is a mapping with keys " + ", ".join(TOP_KEYS))
+    for key in data:
+        if key not in TOP_KEYS:
+            near = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            raise where.error((key,), f"unknown key '{key}'"
+                              + (f"; did you mean '{near[0]}'?" if near else f"; known: {', '.join(TOP_KEYS)}"))
+    for key in ("model", "steps", "out"):
+        if key not in data or data[key] in (None, "", []):
+            raise where.error((), f"the recipe needs '{key}'" + {
+                "model": " (a packaged name such as smollm2-135m, a folder or a Hub id)",
+                "steps": " (a list of method steps, e.g. - {method: gptq, bits: 4})",
+                "out": " (the run folder to write)"}[key])
+    if not isinstance(data["steps"], list):
+        raise where.error(("steps",), "steps must be a list of method steps (each line starting with '- ')")
+    if not isinstance(data.get("seed", 0), int):
+        raise where.error(("seed",), f"seed={data['seed']!r} should be an integer")
+    recipe = Recipe(
+        model=str(data["model"]), out=str(data["out"]), seed=data.get("seed", 0), source=source,
+        steps=[_step(s, i, where) for i, s in enumerate(data["steps"])],
+        calibration=None if data.get("calibration") is None
+        else _build(Calibration, data["calibration"], ("calibration",), where, "calibration"),
+        evaluate=None if data.get("evaluate") is None
+        else _build(Evaluation, data["evaluate"], ("evaluate",), where, "evaluate"),
+    )
+    _check_calibration(recipe, where)
+    _check_evaluation(recipe, where)
+    for warning in check_order(recipe, where):
+        logger.warning(warning)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override (`--set`) and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist; give a YAML file such as recipes/quickstart.yaml")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    lines = _lines(node) if node is not None else {}
+    for assignment in overrides:
+        if not isinstance(data, dict):
+            break
+        apply_override(data, assignment, lines)
+    return parse_recipe(data, source=str(path), lines=lines)
+
+
+# ----------------------------------------------------------------------------- what each step needs and makes
+
+# What a step's output is: "dense" (a full-precision checkpoint), "quantized" (GPTQ), "adapter"
+# (a peft folder), "delta", "packed".
+def output_kind(config: MethodConfig) -> str:
+    method = config.METHOD
+    if method in ("gptq", "rtn"):
+        return "quantized"
+    if method == "heal":
+        return "dense" if config.merge else "adapter"
+    return {"delta": "delta", "pack": "packed"}.get(method, "dense")
+
+
+def needs_calibration(config: MethodConfig) -> bool:
+    """Whether the step draws calibration windows from the recipe's `calibration` text."""
+    method = config.METHOD
+    if method == "gptq":
+        return True
+    if method == "rtn":
+        return config.clip_search
+    if method == "layer_prune":
+        return config.criterion != "last"
+    if method == "weight_prune":
+        return config.score == "wanda"
+    if method == "delta":
+        return config.distill_steps > 0
+    return False  # heal and finetune read their own text; pack reads none
+
+
+def _check_calibration(recipe: Recipe, where: _Where) -> None:
+    if recipe.calibration is not None:
+        return
+    for i, step in enumerate(recipe.steps):
+        if needs_calibration(step):
+            raise where.error(("steps", i), f"steps[{i}] ({step.METHOD}) needs calibration text but the recipe has "
+                                            "none; add 'calibration: {source: wiki, nsamples: 128, seqlen: 512}'")
+
+
+def _check_evaluation(recipe: Recipe, where: _Where) -> None:
+    from ..evals.tasks import PPL_TASKS, TASKS
+
+    if recipe.evaluate is None:
+        return
+    for task in recipe.evaluate.tasks:
+        if task not in TASKS and task not in PPL_TASKS:
+            raise where.error(("evaluate", "tasks"), f"evaluate: unknown task '{task}'; choose from "
+                                                     f"{', '.join([*PPL_TASKS, *TASKS])}")
+    if recipe.evaluate.limit is not None and recipe.evaluate.limit < 1:
+        raise where.error(("evaluate", "limit"), f"evaluate: limit={recipe.evaluate.limit} selects nothing; "
+                                                 "use a positive number or null for all")
+
+
+def check_order(recipe: Recipe, where: _Where | None = None) -> list[str]:
+    """Raise RecipeError for steps that cannot follow what came before; return warnings for odd
+    but workable orders."""
+    where = where or _Where(recipe.source, {})
+    warnings = []
+    kind, before = "dense", "the original model"
+    for i, step in enumerate(recipe.steps):
+        method, at = step.METHOD, ("steps", i)
+        name = f"steps[{i}] ({method})"
+        if kind == "packed":
+            raise where.error(at, f"{name} follows pack; pack must be the last step (it only stores bytes smaller)")
+        if kind == "adapter" and method != "pack":
+            raise where.error(at, f"{name} follows a heal step that writes an adapter; set merge: true on that "
+                                  "heal step so later steps get a full model")
+        if kind == "delta" and method != "pack":
+            raise where.error(at, f"{name} cannot follow delta: a delta folder is a difference, not weights to "
+                                  "compress further; put delta last (or before pack)")
+        if kind == "quantized" and method not in ("heal", "pack"):
+            raise where.error(at, f"{name} cannot follow {before}: it needs full-precision weights and the model "
+                                  f"is quantized from there on; put {method} before {before}")
+        if method == "heal":
+            if kind == "quantized" and step.merge:
+                raise where.error(at, f"{name} after {before} cannot merge into packed weights; set merge: false "
+                                      "(the adapter is kept beside the quantized model)")
+            if kind == "quantized" and step.adapter == "qlora":
+                raise where.error(at, f"{name} after {before}: the model is already quantized; use adapter: lora")
+            if i == 0:
+                warnings.append(f"{where(at)}{name} is the first step: nothing has been pruned or quantized yet, "
+                                "so it fine-tunes the original model")
+        kind, before = output_kind(step), f"steps[{i}] ({method})"
+    return warnings
+
+
+# Fields every plan line shows, whatever their value; the others only when not the default.
+HEADLINE = {"gptq": ("bits", "group_size"), "rtn": ("bits", "group_size"), "layer_prune": ("layers", "criterion"),
+            "weight_prune": ("sparsity", "score", "pattern"), "heal": ("adapter", "loss", "steps"),
+            "delta": ("codec",), "finetune": ("steps",), "pack": ("level",)}
+
+
+def plan_lines(recipe: Recipe) -> list[str]:
+    """Human-readable plan: one line per step with its headline fields and any other non-default ones."""
+    out = [f"recipe {recipe.source}: {recipe.model} -> {recipe.out} (seed {recipe.seed})"]
+    for i, step in enumerate(recipe.steps):
+        default = type(step)()
+        changed = {f.name: getattr(step, f.name) for f in dataclasses.fields(step)
+                   if f.name in HEADLINE.get(step.METHOD, ()) or getattr(step, f.name) != getattr(default, f.name)}
+        settings = " ".join(f"{k}={v}" for k, v in changed.items()) or "(defaults)"
+        calib = ""
+        if needs_calibration(step):
+            c = recipe.calibration
+            calib = f"  [calibration: {c.source}, {c.nsamples} x {c.seqlen} tokens]"
+        out.append(f"  {i + 1}. {step.METHOD:<12} {settings}{calib}  -> {output_kind(step)}")
+    if recipe.evaluate:
+        e = recipe.evaluate
+        scope = "the original and every step's output" if e.every_step else "the original and the final model"
+        out.append(f"  evaluate {', '.join(e.tasks)} (limit {e.limit}, seqlen {e.seqlen}) on {scope}")
+    return out

@@ -1,0 +1,207 @@
+"""Running a recipe: each step reads the previous step's folder and writes its own into the run folder.
+
+    OUT/
+      run.json              state: the recipe, each finished step (config, folder, seconds), evaluations
+      steps/01-gptq/        each step's output, written whole (a crash leaves no half folder)
+      model/                the final model: the last step's output plus llmshrink_recipe.json
+      report.md  report.json  pareto.png
+
+`resume=True` keeps every finished step whose config is unchanged and carries on after the last
+one (evaluations already done are kept too). Each step calls the method's own public function
+(quantize, prune, heal, compress_delta, pack, finetune); this file only walks the list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import MethodConfig
+from ..errors import UsageError
+from ..io import atomic_dir, atomic_write_json
+from .recipe import Recipe, needs_calibration, output_kind
+
+__all__ = ["RECIPE_FILE", "STATE_FILE", "run_recipe", "step_folder", "versions"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "run.json"
+RECIPE_FILE = "llmshrink_recipe.json"  # in the final model folder: how it was made
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    return {"llmshrink": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+
+
+def step_folder(out: Path, index: int, config: MethodConfig) -> Path:
+    return out / "steps" / f"{index + 1:02d}-{config.METHOD}"
+
+
+# ----------------------------------------------------------------------------- one runner per method
+
+def _calibration_kwargs(recipe: Recipe) -> dict:
+    c = recipe.calibration
+    return {} if c is None else {"calibration": None if c.source == "wiki" else c.source,
+                                 "nsamples": c.nsamples, "seqlen": c.seqlen}
+
+
+def _quantize(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
+    from ..quantize import quantize
+
+    quantize(src, config, dest, seed=recipe.seed, progress=progress, **_calibration_kwargs(recipe))
+
+
+def _prune(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
+    from ..models import load_model
+    from ..prune.apply import prune, save_pruned
+
+    model, tokenizer, _ = load_model(src)
+    prune(model, config, tokenizer=tokenizer, seed=recipe.seed, progress=progress, **_calibration_kwargs(recipe))
+    save_pruned(model, tokenizer, dest)
+
+
+def _heal(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
+    from ..heal import heal
+
+    heal(src, config, dest, teacher=recipe.model if config.loss != "ce" else None, progress=progress)
+
+
+def _finetune(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
+    from ..finetune import finetune
+
+    finetune(src, config, dest, progress=progress)
+
+
+def _delta(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
+    from ..delta.compress import compress_delta
+
+    compress_delta(recipe.model, src, config, dest, progress=progress, **_calibration_kwargs(recipe))
+
+
+def _pack(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
+    from ..pack import pack
+
+    pack(src, config, dest, progress=progress)
+
+
+RUNNERS: dict[str, Callable] = {"gptq": _quantize, "rtn": _quantize, "layer_prune": _prune, "weight_prune": _prune,
+                                "heal": _heal, "finetune": _finetune, "delta": _delta, "pack": _pack}
+
+
+# ----------------------------------------------------------------------------- state
+
+def _load_state(out: Path, recipe: Recipe) -> dict:
+    path = out / STATE_FILE
+    if not path.is_file():
+        raise UsageError(f"nothing to resume in {out} (no {STATE_FILE}); run without --resume")
+    state = json.loads(path.read_text())
+    old = state["recipe"]
+    for key in ("model", "seed", "calibration"):
+        if old.get(key) != recipe.to_dict()[key]:
+            raise UsageError(f"cannot resume {out}: the recipe's {key} changed since the run began "
+                             f"({old.get(key)!r} -> {recipe.to_dict()[key]!r}); use a new out folder or drop --resume")
+    return state
+
+
+def _finished_steps(state: dict, recipe: Recipe, out: Path) -> int:
+    """How many leading steps of `recipe` the saved state finished with the same config."""
+    done = 0
+    for i, step in enumerate(recipe.steps):
+        saved = state["steps"][i] if i < len(state["steps"]) else None
+        if saved is None or saved["config"] != step.to_dict() or not step_folder(out, i, step).is_dir():
+            break
+        done += 1
+    if done < len(state["steps"]):
+        logger.warning("steps from %d on changed or are missing: running them again", done + 1)
+    return done
+
+
+def _write_state(out: Path, state: dict) -> None:
+    atomic_write_json(out / STATE_FILE, state)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _final_model(out: Path, last: Path, recipe: Recipe, state: dict) -> Path:
+    """OUT/model: the last step's files (hard links where possible) and how they were made."""
+    record = {"recipe": recipe.to_dict(), "versions": state["versions"], "seed": recipe.seed,
+              "steps": [{k: s[k] for k in ("method", "config", "seconds")} for s in state["steps"]]}
+    with atomic_dir(out / "model") as tmp:
+        shutil.copytree(last, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+        (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return out / "model"
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Run every step of `recipe`, then evaluate and report. Returns the final state (run.json)."""
+    from .report import evaluate_run, write_report
+
+    out = Path(recipe.out).resolve()  # steps record absolute paths (an adapter names its base folder)
+    if resume:
+        state = _load_state(out, recipe)
+        done = _finished_steps(state, recipe, out)
+        state["steps"] = state["steps"][:done]
+        state["evals"] = {k: v for k, v in state.get("evals", {}).items()
+                          if k == "original" or int(k.split(".")[0]) <= done}
+    else:
+        if out.exists() and any(out.iterdir()):
+            if not overwrite:
+                raise UsageError(f"{out} exists and is not empty; pass --resume to continue that run, "
+                                 "--overwrite to start over, or set another out")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {"recipe": recipe.to_dict(), "versions": versions(), "steps": [], "evals": {}}
+        done = 0
+    state["recipe"] = recipe.to_dict()
+    _write_state(out, state)
+
+    total = len(recipe.steps)
+    bar = tqdm(total=total, initial=done, desc="pipeline", unit="step", disable=not progress, position=0)
+    src = recipe.model if done == 0 else str(step_folder(out, done - 1, recipe.steps[done - 1]))
+    for i in range(done, total):
+        step = recipe.steps[i]
+        dest = step_folder(out, i, step)
+        bar.set_description(f"pipeline: step {i + 1}/{total} {step.METHOD}")
+        logger.info("step %d/%d: %s%s", i + 1, total, step.METHOD,
+                    " (with calibration)" if needs_calibration(step) else "")
+        if dest.exists():
+            shutil.rmtree(dest)  # a step that did not finish, or a changed one
+        torch.manual_seed(recipe.seed)
+        started = time.perf_counter()
+        RUNNERS[step.METHOD](recipe, step, src, dest, progress)
+        state["steps"].append({"method": step.METHOD, "config": step.to_dict(), "folder": str(dest.relative_to(out)),
+                               "kind": output_kind(step), "seconds": round(time.perf_counter() - started, 1)})
+        _write_state(out, state)
+        src = str(dest)
+        bar.update(1)
+    bar.close()
+    final = _final_model(out, Path(src), recipe, state)
+    state["final"] = str(final.relative_to(out))
+    _write_state(out, state)
+    if recipe.evaluate is not None:
+        evaluate_run(recipe, out, state, progress=progress)
+    write_report(recipe, out, state)
+    return state
