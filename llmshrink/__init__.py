@@ -6,7 +6,7 @@ from .delta.hf import register_with_transformers as _register_delta_with_transfo
 from .errors import UsageError
 from .gptq.config import GPTQConfig, RTNConfig
 from .gptq.hf import register_with_transformers as _register_with_transformers
-from .heal import HealConfig, heal
+from .heal import HealConfig  # llmshrink.heal stays the module (heal.heal is the function)
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .pack import PackConfig
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
@@ -21,5 +21,5 @@ _register_with_transformers()
 _register_delta_with_transformers()
 
 __all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "HealConfig",
-           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress_delta", "heal",
+           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress_delta",
            "load_model", "load_tokenizer", "prune", "quantize", "resolve_model", "__version__"]

