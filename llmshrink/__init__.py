@@ -7,6 +7,7 @@ from .errors import UsageError
 from .gptq.config import GPTQConfig, RTNConfig
 from .gptq.hf import register_with_transformers as _register_with_transformers
 from .heal import HealConfig  # llmshrink.heal stays the module (heal.heal is the function)
+from .hub import push_to_hub
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .pack import PackConfig
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
@@ -22,4 +23,4 @@ _register_delta_with_transformers()
 
 __all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "HealConfig",
            "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress_delta",
-           "load_model", "load_tokenizer", "prune", "quantize", "resolve_model", "__version__"]
+           "load_model", "load_tokenizer", "prune", "push_to_hub", "quantize", "resolve_model", "__version__"]

@@ -7,13 +7,34 @@ anything else goes to transformers."""
 
 from __future__ import annotations
 
+import functools
 import os
+from pathlib import Path
 
 import torch
 
 from .errors import UsageError
+from .hub import push_to_hub
 
 __all__ = ["AutoModelForCausalLM"]
+
+
+def _local_folder(resolved: str) -> str:
+    """A Hub id's snapshot folder (downloaded, or from the cache when offline); folders as they are."""
+    if Path(resolved).is_dir():
+        return resolved
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(resolved)
+    except RepositoryNotFoundError:
+        raise UsageError(f"model '{resolved}' is not on the Hub (or is private: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise UsageError(f"model '{resolved}' is not in the local Hugging Face cache and the Hub is offline "
+                         "(HF_HUB_OFFLINE=1); download it on a connected machine or pass a local folder") from None
+    except HfHubHTTPError as e:
+        raise UsageError(f"cannot download '{resolved}': {str(e).splitlines()[0]}") from None
 
 
 class AutoModelForCausalLM:
@@ -28,19 +49,28 @@ class AutoModelForCausalLM:
             base_model: for a delta or adapter folder, where its base lives (default: the recorded name/path).
             kwargs: passed to transformers for plain checkpoints.
         """
+        from .models import DTYPES, resolve_model
+
+        if trust_remote_code:
+            raise UsageError("llmshrink never runs a model's remote code; load it with transformers yourself")
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        resolved = _local_folder(resolve_model(name))
+        model = cls._load(resolved, name, dtype, base_model, **kwargs)
+        model.llmshrink_source = resolved  # what push_to_hub uploads: the files as loaded, format kept
+        model.push_to_hub = functools.partial(push_to_hub, model)
+        return model
+
+    @classmethod
+    def _load(cls, resolved: str, name, dtype: torch.dtype, base_model, **kwargs):
         from transformers import AutoConfig
         from transformers import AutoModelForCausalLM as HFAuto
 
         from .adapters import adapter_base, is_adapter_folder, load_adapter
         from .delta.load import is_delta_folder, load_delta_model
         from .gptq.load import is_gptq_checkpoint, load_quantized
-        from .models import DTYPES, resolve_model
+        from .models import resolve_model
         from .pack import is_packed_folder, materialize
 
-        if trust_remote_code:
-            raise UsageError("llmshrink never runs a model's remote code; load it with transformers yourself")
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        resolved = resolve_model(name)
         if is_packed_folder(resolved):
             resolved = str(materialize(resolved))
         if is_delta_folder(resolved):

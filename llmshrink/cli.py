@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prune)
 
     from .heal import add_cli as add_heal_cli
+    from .hub import add_cli as add_push_cli
     from .pack import add_cli as add_pack_cli
     from .pipeline import add_cli as add_run_cli
 
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_pack_cli(sub)  # pack, unpack
 
     add_run_cli(sub)  # run
+
+    add_push_cli(sub)  # push
 
     p = sub.add_parser("prepare", help="convert a packaged model into the cache and print its folder",
                        description="Resolve a model name (converting the packaged GGUF once) and print its folder.")

