@@ -27,7 +27,7 @@ from .perplexity import PROTOCOLS, check_windows, perplexity_of_ids
 from .tasks import PPL_TASKS, TASKS
 
 __all__ = ["EvalSpec", "DEFAULT_TASKS", "validate", "evaluate", "evaluate_model", "compare_models",
-           "score_task", "model_stats"]
+           "score_task", "model_stats", "evaluate_in_fresh_process", "weights_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,8 @@ def evaluate_model(spec: EvalSpec) -> dict:
             "stats": stats, "config": config}
 
 
-def _evaluate_in_child(spec: EvalSpec) -> dict:
+def evaluate_in_fresh_process(spec: EvalSpec) -> dict:
+    """`evaluate_model` in a new interpreter, so the peak memory it reports is this model's alone."""
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         return pool.submit(evaluate_model, spec).result()
@@ -216,4 +217,4 @@ def compare_models(spec: EvalSpec, other: str) -> tuple[dict, dict]:
     """Evaluate `spec.model` and `other` with the same settings, each in a fresh process."""
     validate(spec)
     validate(replace(spec, model=other))
-    return _evaluate_in_child(spec), _evaluate_in_child(replace(spec, model=other))
+    return evaluate_in_fresh_process(spec), evaluate_in_fresh_process(replace(spec, model=other))

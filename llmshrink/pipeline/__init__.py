@@ -16,7 +16,14 @@ def _cmd_run(args) -> int:
     if args.dry_run:
         print("dry run: the recipe is valid; nothing was run")
         return 0
-    state = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        state = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        import sys
+
+        print(f"llmshrink: interrupted; finished steps are kept in {recipe.out}: add --resume to carry on",
+              file=sys.stderr)
+        return 130
     print_summary(state)
     out = recipe.out
     print(f"final model: {out}/{state['final']}; report: {out}/report.md"

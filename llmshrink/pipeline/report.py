@@ -36,14 +36,14 @@ def evaluate_run(recipe: Recipe, out: Path, state: dict, progress: bool = True) 
     """Score each model of the run not scored yet; results go into state["evals"] (and run.json)."""
     from tqdm.auto import tqdm
 
-    from ..evals.harness import EvalSpec, _evaluate_in_child
+    from ..evals.harness import EvalSpec, evaluate_in_fresh_process
 
     e = recipe.evaluate
     todo = [(label, model) for label, model in _models(recipe, out, state) if label not in state["evals"]]
     for label, model in tqdm(todo, desc="evaluate", unit="model", disable=not progress or not todo):
         spec = EvalSpec(model=model, tasks=tuple(e.tasks), limit=e.limit, seqlen=e.seqlen, protocol=e.protocol,
                         dtype=e.dtype, batch_tokens=e.batch_tokens, gen_tokens=e.gen_tokens, progress=False)
-        record = _evaluate_in_child(spec)
+        record = evaluate_in_fresh_process(spec)
         record["model"] = label
         state["evals"][label] = record
         atomic_write_json(out / STATE_FILE, state)
