@@ -19,6 +19,9 @@ from .hub import push_to_hub
 __all__ = ["AutoModelForCausalLM"]
 
 
+_NOT_LOADED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ot"]  # never read
+
+
 def _local_folder(resolved: str) -> str:
     """A Hub id's snapshot folder (downloaded, or from the cache when offline); folders as they are."""
     if Path(resolved).is_dir():
@@ -27,12 +30,13 @@ def _local_folder(resolved: str) -> str:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(resolved)
+        return snapshot_download(resolved, ignore_patterns=_NOT_LOADED)
     except RepositoryNotFoundError:
         raise UsageError(f"model '{resolved}' is not on the Hub (or is private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError:
-        raise UsageError(f"model '{resolved}' is not in the local Hugging Face cache and the Hub is offline "
-                         "(HF_HUB_OFFLINE=1); download it on a connected machine or pass a local folder") from None
+        raise UsageError(f"model '{resolved}' is not in the local Hugging Face cache and the Hub cannot be reached "
+                         "(offline: HF_HUB_OFFLINE=1, or no network); download it where the Hub is reachable or "
+                         "pass a local folder") from None
     except HfHubHTTPError as e:
         raise UsageError(f"cannot download '{resolved}': {str(e).splitlines()[0]}") from None
 

@@ -50,7 +50,8 @@ def _base_model(recipe: dict | None, folder: Path) -> str | None:
         return None
     if name.lower() in PACKAGED_MODELS:
         return PACKAGED_MODELS[name.lower()].hub_id or None
-    return None if Path(name).exists() or name.startswith((".", "/", "~")) else name
+    local = Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+    return None if local or name.count("/") != 1 else name  # only an ORG/NAME Hub id
 
 
 def _kind(folder: Path) -> tuple[str, list[str]]:
@@ -110,11 +111,18 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     else:
         lines += ["", "## Evaluation", "", "Not evaluated by llmshrink; run `llmshrink eval --model "
                   f"{repo_id} --compare {base or 'BASE'}` to compare."]
-    lines += ["", "## How to load", "", "```python", "import llmshrink  # registers llmshrink's formats",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
-    if "gptq" in tags:
+    packed = (folder / "llmshrink_pack.json").is_file()
+    lines += ["", "## How to load", "", "```python"]
+    if packed:  # the safetensors are coded: llmshrink decodes them
+        lines += ["import llmshrink", "", f'model = llmshrink.AutoModelForCausalLM.from_pretrained("{repo_id}")']
+    else:
+        lines += ["import llmshrink  # registers llmshrink's formats (GPTQ, delta) with transformers",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
+    lines.append("```")
+    if (_read_json(folder / "config.json") or {}).get("quantization_config", {}).get("quant_method") == "gptq" \
+            and not packed:
         lines += ["", "It is a standard GPTQ checkpoint: transformers (with gptqmodel) and vLLM read it "
                   "without llmshrink:", "", "```bash", f"vllm serve {repo_id}", "```"]
     lines += ["", "With llmshrink: `llmshrink.AutoModelForCausalLM.from_pretrained(\"" + repo_id + "\")` "

@@ -189,6 +189,8 @@ def _build(cls: type, data: Any, path: tuple, where: _Where, what: str, skip: tu
                               + (f"; did you mean '{near[0]}'?" if near else f"; known keys: {', '.join(names)}"))
         if not _type_ok(value, hints[key]):
             hint = ""
+            if isinstance(value, int) and _type_ok("", hints[key]):
+                hint = " (quote it: YAML reads 2:4 as the number 124, and digits as numbers)"
             if isinstance(value, str) and _type_ok(1.0, hints[key]):
                 try:
                     hint = f" (YAML reads '{value}' as text; write {float(value)!r})"
@@ -215,7 +217,10 @@ def _step(data: Any, i: int, where: _Where) -> MethodConfig:
                           + f"; known: {', '.join(sorted(METHODS))}")
     cls = METHODS[method][0]
     version = data.get("version", cls.VERSION)
-    if not isinstance(version, int) or version > cls.VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise where.error(path + ("version",), f"steps[{i}] ({method}): version {version!r} is not a config version; "
+                                               f"leave it out or write {cls.VERSION}")
+    if version > cls.VERSION:
         raise where.error(path + ("version",), f"steps[{i}] ({method}): version {version!r} is newer than this "
                                                f"llmshrink understands (version {cls.VERSION}); upgrade llmshrink")
     return _build(cls, data, path, where, f"steps[{i}] ({method})", skip=("method", "version"))
@@ -239,7 +244,7 @@ def parse_recipe(data: Any, source: str = "<recipe>", lines: dict[tuple, int | s
                 "out": " (the run folder to write)"}[key])
     if not isinstance(data["steps"], list):
         raise where.error(("steps",), "steps must be a list of method steps (each line starting with '- ')")
-    if not isinstance(data.get("seed", 0), int):
+    if not isinstance(data.get("seed", 0), int) or isinstance(data.get("seed", 0), bool):
         raise where.error(("seed",), f"seed={data['seed']!r} should be an integer")
     recipe = Recipe(
         model=str(data["model"]), out=str(data["out"]), seed=data.get("seed", 0), source=source,
@@ -250,6 +255,7 @@ def parse_recipe(data: Any, source: str = "<recipe>", lines: dict[tuple, int | s
         else _build(Evaluation, data["evaluate"], ("evaluate",), where, "evaluate"),
     )
     _check_calibration(recipe, where)
+    _check_calibration_values(recipe, where)
     _check_evaluation(recipe, where)
     for warning in check_order(recipe, where):
         logger.warning(warning)
@@ -315,11 +321,35 @@ def _check_calibration(recipe: Recipe, where: _Where) -> None:
                                             "none; add 'calibration: {source: wiki, nsamples: 128, seqlen: 512}'")
 
 
-def _check_evaluation(recipe: Recipe, where: _Where) -> None:
-    from ..evals.tasks import PPL_TASKS, TASKS
-
-    if recipe.evaluate is None:
+def _check_calibration_values(recipe: Recipe, where: _Where) -> None:
+    c = recipe.calibration
+    if c is None:
         return
+    if c.nsamples < 1 or c.seqlen < 2:
+        raise where.error(("calibration",), f"calibration: nsamples={c.nsamples}, seqlen={c.seqlen} give no "
+                                            "windows; use nsamples >= 1 and seqlen >= 2 (e.g. 128 x 512)")
+    if c.source != "wiki" and not Path(c.source).expanduser().is_file():
+        raise where.error(("calibration", "source"), f"calibration: source '{c.source}' is neither wiki nor a "
+                                                     "file that exists; give wiki or a .txt/.jsonl path")
+
+
+def _check_evaluation(recipe: Recipe, where: _Where) -> None:
+    from ..evals.perplexity import PROTOCOLS
+    from ..evals.tasks import PPL_TASKS, TASKS
+    from ..models import DTYPES
+
+    e = recipe.evaluate
+    if e is None:
+        return
+    checks = [("tasks", bool(e.tasks), "tasks is empty; list what to score, e.g. [wiki, piqa]"),
+              ("protocol", e.protocol in PROTOCOLS, f"protocol '{e.protocol}' is unknown; use {', '.join(PROTOCOLS)}"),
+              ("dtype", e.dtype in DTYPES, f"dtype '{e.dtype}' is unknown; use float32, bfloat16 or float16"),
+              ("seqlen", e.seqlen >= 2, f"seqlen={e.seqlen} is too short; use at least 2 (512 is usual)"),
+              ("batch_tokens", e.batch_tokens >= 1, f"batch_tokens={e.batch_tokens} must be positive"),
+              ("gen_tokens", e.gen_tokens >= 0, f"gen_tokens={e.gen_tokens} must be 0 (skip) or more")]
+    for key, ok, message in checks:
+        if not ok:
+            raise where.error(("evaluate", key), f"evaluate: {message}")
     for task in recipe.evaluate.tasks:
         if task not in TASKS and task not in PPL_TASKS:
             raise where.error(("evaluate", "tasks"), f"evaluate: unknown task '{task}'; choose from "
@@ -349,6 +379,9 @@ def check_order(recipe: Recipe, where: _Where | None = None) -> list[str]:
         if kind == "quantized" and method not in ("heal", "pack"):
             raise where.error(at, f"{name} cannot follow {before}: it needs full-precision weights and the model "
                                   f"is quantized from there on; put {method} before {before}")
+        if method == "delta" and "layer_prune" in [s.METHOD for s in recipe.steps[:i]]:
+            raise where.error(at, f"{name} stores a difference from the recipe's model, but an earlier layer_prune "
+                                  "changed the architecture; put delta in a recipe without layer pruning")
         if method == "heal":
             if kind == "quantized" and step.merge:
                 raise where.error(at, f"{name} after {before} cannot merge into packed weights; set merge: false "

@@ -107,16 +107,24 @@ RUNNERS: dict[str, Callable] = {"gptq": _quantize, "rtn": _quantize, "layer_prun
 
 # ----------------------------------------------------------------------------- state
 
+def _as_saved(data):
+    """`data` as it reads back from run.json (tuples become lists), for comparisons with saved state."""
+    return json.loads(json.dumps(data))
+
+
 def _load_state(out: Path, recipe: Recipe) -> dict:
     path = out / STATE_FILE
     if not path.is_file():
         raise UsageError(f"nothing to resume in {out} (no {STATE_FILE}); run without --resume")
     state = json.loads(path.read_text())
-    old = state["recipe"]
+    old, new = state["recipe"], _as_saved(recipe.to_dict())
     for key in ("model", "seed", "calibration"):
-        if old.get(key) != recipe.to_dict()[key]:
+        if old.get(key) != new[key]:
             raise UsageError(f"cannot resume {out}: the recipe's {key} changed since the run began "
-                             f"({old.get(key)!r} -> {recipe.to_dict()[key]!r}); use a new out folder or drop --resume")
+                             f"({old.get(key)!r} -> {new[key]!r}); use a new out folder or drop --resume")
+    if old.get("evaluate") != new["evaluate"] and state.get("evals"):
+        logger.warning("the evaluate settings changed: every model is scored again")
+        state["evals"] = {}
     return state
 
 
@@ -125,7 +133,7 @@ def _finished_steps(state: dict, recipe: Recipe, out: Path) -> int:
     done = 0
     for i, step in enumerate(recipe.steps):
         saved = state["steps"][i] if i < len(state["steps"]) else None
-        if saved is None or saved["config"] != step.to_dict() or not step_folder(out, i, step).is_dir():
+        if saved is None or saved["config"] != _as_saved(step.to_dict()) or not step_folder(out, i, step).is_dir():
             break
         done += 1
     if done < len(state["steps"]):
@@ -143,9 +151,10 @@ def _final_model(out: Path, last: Path, recipe: Recipe, state: dict) -> Path:
     """OUT/model: the last step's files (hard links where possible) and how they were made."""
     record = {"recipe": recipe.to_dict(), "versions": state["versions"], "seed": recipe.seed,
               "steps": [{k: s[k] for k in ("method", "config", "seconds")} for s in state["steps"]]}
-    with atomic_dir(out / "model") as tmp:
-        shutil.copytree(last, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
-        (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_dir(out / "model") as tmp:  # records of an earlier run stay behind; new files are not links
+        shutil.copytree(last, tmp, dirs_exist_ok=True, copy_function=_link_or_copy,
+                        ignore=shutil.ignore_patterns(RECIPE_FILE, EVAL_FILE))
+        atomic_write_json(tmp / RECIPE_FILE, record)
     return out / "model"
 
 
@@ -160,7 +169,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
     """Run every step of `recipe`, then evaluate and report. Returns the final state (run.json)."""
     from .report import evaluate_run, write_report
 
-    out = Path(recipe.out).resolve()  # steps record absolute paths (an adapter names its base folder)
+    out = Path(recipe.out).expanduser().resolve()  # steps record absolute paths (an adapter names its base)
     if resume:
         state = _load_state(out, recipe)
         done = _finished_steps(state, recipe, out)
@@ -169,9 +178,12 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
                           if k == "original" or int(k.split(".")[0]) <= done}
     else:
         if out.exists() and any(out.iterdir()):
+            if not (out / STATE_FILE).is_file():
+                raise UsageError(f"{out} is not empty and is not an llmshrink run folder (no {STATE_FILE}); "
+                                 "set out to a new or empty folder")
             if not overwrite:
-                raise UsageError(f"{out} exists and is not empty; pass --resume to continue that run, "
-                                 "--overwrite to start over, or set another out")
+                raise UsageError(f"{out} holds an earlier run; pass --resume to continue it, --overwrite to "
+                                 "start over, or set another out")
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {"recipe": recipe.to_dict(), "versions": versions(), "steps": [], "evals": {}}
@@ -188,13 +200,21 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
         bar.set_description(f"pipeline: step {i + 1}/{total} {step.METHOD}")
         logger.info("step %d/%d: %s%s", i + 1, total, step.METHOD,
                     " (with calibration)" if needs_calibration(step) else "")
-        if dest.exists():
-            shutil.rmtree(dest)  # a step that did not finish, or a changed one
+        running = state.get("running")
+        if running is not None and (running["index"] != i or running["config"] != _as_saved(step.to_dict())):
+            for leftover in (dest, dest.with_name(dest.name + ".partial"), dest.with_name(dest.name + ".checkpoint")):
+                if leftover.exists():  # a crashed step's resume state, now for other settings
+                    shutil.rmtree(leftover)
+        elif dest.exists():
+            shutil.rmtree(dest)  # written by a run that crashed before recording it
+        state["running"] = {"index": i, "config": step.to_dict()}
+        _write_state(out, state)
         torch.manual_seed(recipe.seed)
         started = time.perf_counter()
         RUNNERS[step.METHOD](recipe, step, src, dest, progress)
         state["steps"].append({"method": step.METHOD, "config": step.to_dict(), "folder": str(dest.relative_to(out)),
                                "kind": output_kind(step), "seconds": round(time.perf_counter() - started, 1)})
+        state.pop("running")
         _write_state(out, state)
         src = str(dest)
         bar.update(1)

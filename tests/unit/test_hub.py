@@ -101,8 +101,10 @@ def test_card_of_a_pipeline_model_names_base_recipe_and_scores(tmp_path):
 
 
 def test_rerun_after_an_interrupted_push_finishes_without_duplicate_commits(hub, quantized):
+    from huggingface_hub.errors import HfHubHTTPError
+
     hub.fail_next_commit = 1  # the commit request dies: nothing lands
-    with pytest.raises(Exception):
+    with pytest.raises(HfHubHTTPError, match="500"):
         push_folder(quantized, "me/tiny-retry")
     assert hub.commits("me/tiny-retry") == []
     push_folder(quantized, "me/tiny-retry")

@@ -68,12 +68,18 @@ def logits(model):
     ("steps:\n  - {method: gptq}\nevaluate: {tasks: [wiki, piqq]}\n", r"r\.yaml:4: evaluate: unknown task 'piqq'"),
     ("steps:\n  - {method: gptq}\nevaluate: {limit: 0}\n", r"r\.yaml:4: evaluate: limit=0 selects nothing"),
     ("steps:\n  - method: gptq\n   bits: 4\n", r"r\.yaml:4: not valid YAML"),
+    ("steps:\n  - {method: weight_prune, score: magnitude, pattern: 2:4}\n",
+     r"r\.yaml:3: .*pattern=124 should be str \(quote it"),
+    ("steps:\n  - {method: finetune}\n  - {method: layer_prune, criterion: last}\n  - {method: delta}\n",
+     r"r\.yaml:5: steps\[2\] \(delta\) .* an earlier layer_prune changed the architecture"),
+    ("steps:\n  - {method: gptq}\nevaluate: {dtype: float8}\n", r"r\.yaml:4: evaluate: dtype 'float8' is unknown"),
 ])
 def test_bad_recipes_fail_with_file_and_line(tmp_path, body, message):
-    path = write(tmp_path / "r.yaml", "model: smollm2-135m\n" + body + "out: x\ncalibration: {source: wiki}\n")
+    path = write(tmp_path / "r.yaml", "model: smollm2-135m\n" + body + f"out: {tmp_path / 'x'}\n"
+                 "calibration: {source: wiki}\n")
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists()  # validation writes nothing
 
 
 def test_a_step_that_needs_calibration_without_any_is_refused(tmp_path):
@@ -210,8 +216,11 @@ def test_resume_after_a_crash_keeps_finished_steps(tiny, monkeypatch):
     state = json.loads((out / STATE_FILE).read_text())
     assert [s["method"] for s in state["steps"]] == ["layer_prune", "weight_prune"]
     assert not (out / "steps" / "03-rtn").exists() and not (out / "model").exists()
-    with pytest.raises(llmshrink.UsageError, match="--resume to continue that run"):
+    with pytest.raises(llmshrink.UsageError, match="holds an earlier run; pass --resume to continue it"):
         run_recipe(load_recipe(path), progress=False)
+    with pytest.raises(llmshrink.UsageError, match="is not an llmshrink run folder"):  # --overwrite spares it
+        run_recipe(load_recipe(path, [f"out={tiny['root']}"]), overwrite=True, progress=False)
+    assert Path(tiny["model"]).is_dir()
 
     monkeypatch.setitem(run_mod.RUNNERS, "rtn", counting("rtn"))
     calls.clear()
