@@ -202,9 +202,9 @@ def _quantization(resolved: str) -> str | None:
     """The quant_method of a checkpoint's quantization_config ("gptq", ...), or None."""
     from transformers import AutoConfig
 
-    qc = getattr(AutoConfig.from_pretrained(resolved), "quantization_config", None)
-    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
-    return None if qc is None else str(qc.get("quant_method"))
+    from .gptq.load import quant_method
+
+    return quant_method(AutoConfig.from_pretrained(resolved))
 
 
 def _load_student(resolved: str, method: str):

@@ -16,15 +16,20 @@ from ..errors import UsageError
 from ..safetensors_io import TensorIndex
 from .linear import QuantLinear
 
-__all__ = ["load_quantized", "is_gptq_checkpoint", "replace_linears"]
+__all__ = ["load_quantized", "is_gptq_checkpoint", "quant_method", "replace_linears"]
 
 logger = logging.getLogger(__name__)
 
 
-def is_gptq_checkpoint(config) -> bool:
+def quant_method(config) -> str | None:
+    """A transformers config's quantization_config quant_method ("gptq", "bitsandbytes", ...), or None."""
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
-    return qc.get("quant_method") == "gptq"
+    return None if qc.get("quant_method") is None else str(qc["quant_method"])
+
+
+def is_gptq_checkpoint(config) -> bool:
+    return quant_method(config) == "gptq"
 
 
 def _group_size_for(name: str, qc: dict) -> int:

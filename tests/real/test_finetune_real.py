@@ -92,7 +92,11 @@ def test_finetuned_model_reuses_the_cache(small_finetune, tmp_path, monkeypatch)
     ({"mixed_precision": "fp16"}, "use one of no, bf16"),
 ])
 def test_bad_configs_are_usage_errors(change, message):
-    config = FinetuneConfig(**change)
+    with pytest.raises(UsageError, match=message):  # refused when built (a registered MethodConfig)
+        FinetuneConfig(**change)
+    config = FinetuneConfig()
+    for key, value in change.items():  # and when changed after, by the functions that use it
+        setattr(config, key, value)
     with pytest.raises(UsageError, match=message):
         finetune("smollm2-135m", config, "/nonexistent/never-written")
     with pytest.raises(UsageError, match=message):

@@ -45,9 +45,12 @@ def test_prune_heal_quantize_recipe(real_model, tmp_path):
     report = run("prune-heal-quantize.yaml", tmp_path / "phq", "steps.0.layers=2", "steps.1.steps=2",
                  "steps.1.nsamples=8", "steps.1.seqlen=64", "calibration.nsamples=8", "calibration.seqlen=256")
     assert [s["method"] for s in report["steps"]] == ["layer_prune", "heal", "gptq"]
+    from llmshrink.gptq.linear import QuantLinear
+
     model = llmshrink.AutoModelForCausalLM.from_pretrained(tmp_path / "phq" / "model")
     assert model.config.num_hidden_layers == real_model[0].config.num_hidden_layers - 2
-    assert model.config.quantization_config["bits"] == 4
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == 7 * model.config.num_hidden_layers and {m.bits for m in quant} == {4}
 
 
 def test_finetune_delta_recipe(real_model, tmp_path):
