@@ -88,6 +88,7 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     folder = Path(folder)
     recipe, evals = _read_json(folder / RECIPE_FILE), _read_json(folder / EVAL_FILE)
     library, tags = _kind(folder)
+    gptq_folder = "gptq" in tags  # from the folder's own config, before the steps' tags join
     for step in (recipe or {}).get("steps", []):
         tags.append({"layer_prune": "pruned", "weight_prune": "pruned", "heal": "lora", "rtn": "rtn"}.get(
             step["method"], step["method"]))
@@ -121,8 +122,7 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
     lines.append("```")
-    if (_read_json(folder / "config.json") or {}).get("quantization_config", {}).get("quant_method") == "gptq" \
-            and not packed:
+    if gptq_folder and not packed:
         lines += ["", "It is a standard GPTQ checkpoint: transformers (with gptqmodel) and vLLM read it "
                   "without llmshrink:", "", "```bash", f"vllm serve {repo_id}", "```"]
     lines += ["", "With llmshrink: `llmshrink.AutoModelForCausalLM.from_pretrained(\"" + repo_id + "\")` "

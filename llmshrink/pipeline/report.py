@@ -17,9 +17,19 @@ from ..io import atomic_write_json
 from .recipe import Recipe, plan_lines
 from .run import STATE_FILE
 
-__all__ = ["evaluate_run", "pareto_points", "plot_pareto", "print_summary", "write_report"]
+__all__ = ["evaluate_run", "final_label", "pareto_points", "plot_pareto", "print_summary", "step_label",
+           "write_report"]
 
 logger = logging.getLogger(__name__)
+
+
+def step_label(index: int, method: str) -> str:
+    """How a step's output is named in scores and reports: "2. gptq" for steps[1]."""
+    return f"{index + 1}. {method}"
+
+
+def final_label(state: dict) -> str:
+    return step_label(len(state["steps"]) - 1, state["steps"][-1]["method"])
 
 
 def _models(recipe: Recipe, out: Path, state: dict) -> list[tuple[str, str]]:
@@ -28,7 +38,7 @@ def _models(recipe: Recipe, out: Path, state: dict) -> list[tuple[str, str]]:
     last = len(state["steps"]) - 1
     for i, step in enumerate(state["steps"]):
         if recipe.evaluate.every_step or i == last:
-            models.append((f"{i + 1}. {step['method']}", str(out / (state["final"] if i == last else step["folder"]))))
+            models.append((step_label(i, step["method"]), str(out / (state["final"] if i == last else step["folder"]))))
     return models
 
 
@@ -100,10 +110,9 @@ def _markdown(recipe: Recipe, state: dict) -> str:
               for i, s in enumerate(state["steps"])]
     evals = state.get("evals", {})
     if evals:
-        final_label = f"{len(state['steps'])}. {state['steps'][-1]['method']}"
         lines += ["", "## Original against compressed", ""]
-        if final_label in evals:
-            lines.append(to_markdown(evals["original"], evals[final_label]))
+        if final_label(state) in evals:
+            lines.append(to_markdown(evals["original"], evals[final_label(state)]))
         points = pareto_points(state)
         if points:
             lines += ["## Every model of the run", "", f"| model | size (MB) | {points[0]['task']} ppl |",
@@ -134,7 +143,6 @@ def print_summary(state: dict) -> None:
     from ..evals.report import print_table
 
     evals = state.get("evals", {})
-    final_label = f"{len(state['steps'])}. {state['steps'][-1]['method']}"
-    if "original" in evals and final_label in evals:
-        print_table(evals["original"], evals[final_label])
+    if "original" in evals and final_label(state) in evals:
+        print_table(evals["original"], evals[final_label(state)])
 

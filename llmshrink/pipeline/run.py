@@ -167,7 +167,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Run every step of `recipe`, then evaluate and report. Returns the final state (run.json)."""
-    from .report import evaluate_run, write_report
+    from .report import evaluate_run, final_label, write_report
 
     out = Path(recipe.out).expanduser().resolve()  # steps record absolute paths (an adapter names its base)
     if resume:
@@ -224,8 +224,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
     _write_state(out, state)
     if recipe.evaluate is not None:
         evaluate_run(recipe, out, state, progress=progress)
-        final_label = f"{total}. {recipe.steps[-1].METHOD}"
         atomic_write_json(final / EVAL_FILE, {"original": state["evals"]["original"],
-                                              "compressed": state["evals"][final_label]})  # for the model card
+                                              "compressed": state["evals"][final_label(state)]})  # for the model card
     write_report(recipe, out, state)
     return state
