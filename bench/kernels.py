@@ -103,6 +103,36 @@ def bench_cpu() -> None:
                 print(f"| {k}x{n} | {fmt} | {rows} | " + " | ".join(cells) + " |", flush=True)
 
 
+def bench_crossover(rows_list=(16, 64, 128, 256, 512, 1024)) -> None:
+    """Where torch's weight-only matmuls stop paying: their time against dequantizing the weight
+    once (torch-dequant) and a dense bf16 matmul, as rows grow (prefill, batched scoring).
+    Sets torch-int4/torch-int8's DENSE_ROWS (the first row count where dequantize + dense wins on
+    nearly every shape)."""
+    from llmshrink.kernels.cpu import Int4CpuKernel, Int8CpuKernel, TiledDequantKernel
+
+    print("\nCrossover, bf16 activations; ms per call; (x) = weight-only matmul time / torch-dequant time "
+          "(above 1: dequantize + dense is faster)")
+    print("| layer (in x out) | format | rows | bf16 F.linear | weight-only matmul | torch-dequant bf16 |")
+    print("|---|---|---|---|---|---|")
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    for k, n in CPU_SHAPES:
+        for bits, group, act in ((4, 128, False), (4, 128, True), (8, 128, False), (8, -1, False)):
+            layer = random_layer(k, n, bits, group, act)
+            dense16 = layer.dequantized_weight().bfloat16()
+            quant = (Int4CpuKernel if bits == 4 else Int8CpuKernel)(layer, cpu, bf16)
+            quant.dense_rows = 1 << 30  # its own matmul at every row count
+            tiled = TiledDequantKernel(layer, cpu, bf16)
+            for rows in rows_list:
+                x16 = torch.randn(rows, k).bfloat16()
+                with torch.inference_mode():
+                    base = timed(lambda: F.linear(x16, dense16), min_seconds=0.1)
+                    tq = timed(lambda: quant(x16), min_seconds=0.1)
+                    td = timed(lambda: tiled(x16), min_seconds=0.1)
+                fmt = f"{bits}-bit g{group}{' act-order' if act else ''}"
+                print(f"| {k}x{n} | {fmt} | {rows} | {base * 1e3:.3f} | {tq * 1e3:.3f} | {td * 1e3:.3f} ({tq / td:.2f}x) |",
+                      flush=True)
+
+
 def bench_generate(new_tokens: int) -> None:
     from llmshrink import AutoModelForCausalLM, GPTQConfig, load_model, quantize
 
@@ -180,8 +210,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--onebit", action="store_true", help="also the 1-bit delta kernel (always on CUDA)")
     parser.add_argument("--only-onebit", action="store_true", help="only the 1-bit delta kernel")
+    parser.add_argument("--only-crossover", action="store_true",
+                        help="only the rows at which dequantize + dense beats torch's weight-only matmuls")
     args = parser.parse_args()
     print(" ".join(sys.argv))
+    if args.only_crossover:
+        bench_crossover()
+        return
     if not args.only_onebit:
         bench_cpu()
         if not args.skip_generate:

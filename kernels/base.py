@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Kernel", "sorted_groups", "unpacked_codes"]
+__all__ = ["Kernel", "sorted_groups", "unpacked_codes", "unpacked_zeros"]
 
 
 class Kernel:
@@ -60,3 +60,10 @@ def unpacked_codes(layer, perm: torch.Tensor | None = None) -> tuple[torch.Tenso
 
     codes, zeros = unpack_gptq(layer.qweight.cpu(), layer.qzeros.cpu(), layer.bits, in_features=layer.in_features)
     return (codes if perm is None else codes[:, perm.cpu()]), zeros
+
+
+def unpacked_zeros(layer) -> torch.Tensor:
+    """Zero points [groups, out] int32 of a QuantLinear, on its device (the codes stay packed)."""
+    from ..gptq.packing import unpack_rows
+
+    return unpack_rows(layer.qzeros.t().contiguous(), layer.bits).t().contiguous() + 1

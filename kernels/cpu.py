@@ -14,9 +14,12 @@ in torch), so they serve bf16 and fp32/fp16 models go through `torch-dequant`.
   activations, so every layer of the default model is served (torch refuses them as they are).
 - `torch-int8`: `torch._weight_int8pack_mm` (per-channel scales) once per group, codes shifted to
   int8 (q - 128); asymmetric zero points are a rank-1 correction from per-group sums of x.
-- `torch-dequant`: dequantizes output-feature tiles from byte codes (group scales broadcast,
-  no gathers, where the groups are uniform) and multiplies tile by tile: any layout and dtype,
-  bounded temporary memory.
+- `torch-dequant`: dequantizes output-feature tiles straight from the packed `qweight` (shifts
+  and masks, group scales broadcast where the groups are uniform; nothing stored beyond
+  per-group scales) and multiplies tile by tile: any layout and dtype, bounded temporary memory.
+- Weight-only matmuls stop paying once the matmul is compute-bound: from `dense_rows` rows on
+  (prefill, batched scoring) torch-int4/int8 hand the call to torch-dequant, i.e. dequantize once
+  and a dense bf16 matmul (crossovers measured by `bench/kernels.py --only-crossover`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Kernel, sorted_groups, unpacked_codes
+from .base import Kernel, sorted_groups, unpacked_codes, unpacked_zeros
 
 __all__ = ["Int4CpuKernel", "Int8CpuKernel", "TiledDequantKernel"]
 
@@ -63,6 +66,7 @@ def _flat(x: torch.Tensor, kernel: Kernel, perm: torch.Tensor | None) -> torch.T
 
 class Int4CpuKernel(Kernel):
     name = "torch-int4"
+    DENSE_ROWS = 256  # from this many rows on, dequantize + dense bf16 matmul is faster (bench/kernels.py)
 
     @classmethod
     def supports(cls, layer, device, dtype):
@@ -92,8 +96,11 @@ class Int4CpuKernel(Kernel):
         scales = layer.scales.float().cpu()[group]
         zero_term = scales * (8 - zeros[group].float())
         self.scales_zeros = torch.stack([scales, zero_term], -1).to(dtype).contiguous()
+        self.dense, self.dense_rows = TiledDequantKernel(layer, device, dtype), self.DENSE_ROWS
 
     def forward(self, x):
+        if x.numel() >= self.dense_rows * self.in_features:
+            return self.dense(x)
         shape = x.shape
         x = _flat(x, self, self.perm)
         if self.pad:
@@ -106,6 +113,7 @@ class Int4CpuKernel(Kernel):
 
 class Int8CpuKernel(Kernel):
     name = "torch-int8"
+    DENSE_ROWS = {"grouped": 64, "per-channel": 128}  # one int8 matmul per group pays off sooner
 
     @classmethod
     def supports(cls, layer, device, dtype):
@@ -127,8 +135,12 @@ class Int8CpuKernel(Kernel):
         self.scales = [s.to(dtype) for s in scales]
         offset = scales * (zeros.float() - 128)  # W = s * (q - 128) - s * (z - 128)
         self.offset = None if not offset.any() else offset.to(dtype)  # symmetric: none
+        self.dense = TiledDequantKernel(layer, device, dtype)
+        self.dense_rows = self.DENSE_ROWS["per-channel" if self.size >= self.in_features else "grouped"]
 
     def forward(self, x):
+        if x.numel() >= self.dense_rows * self.in_features:
+            return self.dense(x)
         shape = x.shape
         x = _flat(x, self, self.perm).contiguous()
         parts = x.split(self.size, dim=1)
@@ -152,40 +164,55 @@ class TiledDequantKernel(Kernel):
 
     def __init__(self, layer, device, dtype):
         super().__init__(layer, device, dtype)
-        scales = layer.scales.float().cpu()
+        self.bits = layer.bits
+        self.qweight = layer.qweight.to(device)  # the layer's own buffer: nothing copied
+        scales = layer.scales.to(device=device, dtype=torch.float32)
+        offsets = unpacked_zeros(layer).to(device) * scales  # W = scale * code - scale * zero
         layout = sorted_groups(layer.g_idx, layer.group_size)
-        self.perm, self.pad, self.g_idx = layout[0] if layout else None, 0, None
-        codes, zeros = unpacked_codes(layer, self.perm)
-        if layout is not None:  # uniform groups: [out, groups, size] codes, scales broadcast per group
-            size = layout[1]
-            self.pad = -layer.in_features % size
-            codes = F.pad(codes, (0, self.pad)).view(layer.out_features, -1, size)
-            self.scales = scales.t().to(dtype)[:, :, None].contiguous()  # [out, groups, 1]
-            self.zeros = (zeros.float().t() * scales.t()).to(dtype)[:, :, None].contiguous()
-        else:  # any g_idx: per-channel gathers
-            self.g_idx = layer.g_idx.long().cpu()
-            self.scales = scales.t().to(dtype).contiguous()  # [out, groups]
-            self.zeros = (zeros.float().t() * scales.t()).to(dtype).contiguous()
-        self.codes = codes.to(torch.uint8)
-        self.tile = max(16, self.TILE_ELEMENTS // self.codes[0].numel())
+        self.perm, self.size = layout if layout is not None else (None, None)
+        self.g_idx = None if layout is not None else layer.g_idx.to(device=device, dtype=torch.long)
+        self.scales, self.neg_offsets = scales.to(dtype), (-offsets).to(dtype)  # [groups, out]
+        self.shifts = (torch.arange(0, 32, self.bits, dtype=torch.int32, device=device)[:, None]
+                       if 32 % self.bits == 0 else None)
+        self.tile = max(16, self.TILE_ELEMENTS // self.in_features)
 
-    def _weight(self, rows: slice, dtype: torch.dtype) -> torch.Tensor:
-        """[tile, in (+ pad)] dequantized rows: scale * code - scale * zero."""
-        codes = self.codes[rows].to(dtype)
-        if self.g_idx is None:
-            return torch.addcmul(-self.zeros[rows], codes, self.scales[rows]).flatten(1)
-        return codes * self.scales[rows][:, self.g_idx] - self.zeros[rows][:, self.g_idx]
+    def _codes(self, cols: slice) -> torch.Tensor:
+        """[in, cols] codes of output features `cols` in the kernel's dtype, input channels in `perm` order."""
+        words = self.qweight[:, cols]
+        if self.shifts is None:  # 3-bit codes straddle words
+            from ..gptq.packing import unpack_rows  # lazily, as in base.py: `kernels` must import standalone
+
+            codes = unpack_rows(words, self.bits, self.in_features)
+        else:
+            codes = ((words[:, None, :] >> self.shifts) & ((1 << self.bits) - 1)).flatten(0, 1)
+        codes = codes.to(self.dtype)  # before the gather: index_select is ~7x faster on 16-bit rows than int32
+        return codes if self.perm is None else torch.index_select(codes, 0, self.perm)
+
+    def weight_t(self, cols: slice) -> torch.Tensor:
+        """The dequantized W.T [in, cols] in the kernel's dtype (input channels in `perm` order)."""
+        codes = self._codes(cols)
+        scales, neg_offsets = self.scales[:, cols], self.neg_offsets[:, cols]
+        if self.g_idx is not None:  # hand-made groups: a scale per input channel
+            return torch.addcmul(torch.index_select(neg_offsets, 0, self.g_idx), codes,
+                                 torch.index_select(scales, 0, self.g_idx))
+        k, size = self.in_features, self.size
+        whole = k // size
+        w = torch.empty_like(codes)
+        head = slice(0, whole * size)
+        torch.addcmul(neg_offsets[:whole, None], codes[head].view(whole, size, -1), scales[:whole, None],
+                      out=w[head].view(whole, size, -1))
+        if whole * size < k:  # a last, partial group
+            torch.addcmul(neg_offsets[whole], codes[whole * size:], scales[whole], out=w[whole * size:])
+        return w
 
     def forward(self, x):
         shape = x.shape
         x = _flat(x, self, self.perm)
-        if self.pad:
-            x = F.pad(x, (0, self.pad))
-        if self.tile >= self.out_features:
-            y = F.linear(x, self._weight(slice(None), x.dtype), self.bias)
+        n = self.out_features
+        if self.tile >= n:
+            y = x @ self.weight_t(slice(None))
         else:
-            y = torch.cat([x @ self._weight(slice(o, o + self.tile), x.dtype).t()
-                           for o in range(0, self.out_features, self.tile)], dim=1)
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+            y = torch.cat([x @ self.weight_t(slice(o, o + self.tile)) for o in range(0, n, self.tile)], dim=1)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], n)

@@ -10,21 +10,23 @@ import torch
 from llmshrink.gptq.linear import QuantLinear
 from llmshrink.gptq.packing import pack_gptq
 from llmshrink.kernels import KERNELS, prepare_kernels, select_kernel, sorted_groups
+from llmshrink.kernels.cpu import TiledDequantKernel
 
 CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |y|
 
 
-def make_layer(k, n, bits, group_size, act_order=False, sym=True, bias=True, seed=0):
+def make_layer(k, n, bits, group_size, act_order=False, sym=True, bias=True, seed=0, g_idx=None):
     g = torch.Generator().manual_seed(seed)
     size = k if group_size == -1 else group_size
     groups = -(-k // size)
     codes = torch.randint(0, 2**bits, (n, k), generator=g)
     zeros = torch.full((groups, n), 2 ** (bits - 1)) if sym else torch.randint(1, 2**bits, (groups, n), generator=g)
     scales = torch.rand(groups, n, generator=g) * 0.02 + 0.002
-    g_idx = torch.arange(k) // size
-    if act_order:  # what GPTQ act-order without static groups writes: groups in a permuted order
-        g_idx = g_idx[torch.randperm(k, generator=g)]
+    if g_idx is None:
+        g_idx = torch.arange(k) // size
+        if act_order:  # what GPTQ act-order without static groups writes: groups in a permuted order
+            g_idx = g_idx[torch.randperm(k, generator=g)]
     b = torch.randn(n, generator=g) if bias else None
     return QuantLinear.from_packed(pack_gptq(codes, zeros, scales, g_idx, bits), bits, group_size, bias=b,
                                    dtype=torch.float32)
@@ -76,6 +78,45 @@ def test_cpu_kernels_match_reference(name, layout, act_order, sym, dtype, rows):
         check(name, layer, rows, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", ["in order", "act-order", "hand-made"])
+@pytest.mark.parametrize("layout", [(576, 224, 3, 128), (320, 112, 2, 64), (96, 56, 8, -1), (96, 40, 4, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_dequant_tiles_match_reference(monkeypatch, layout, groups, dtype):
+    """torch-dequant over many output tiles (the last one partial) for every way groups can lie."""
+    k, n, bits, group_size = layout
+    monkeypatch.setattr(TiledDequantKernel, "TILE_ELEMENTS", k * 24)  # tiles of 24 output features
+    g_idx = None
+    if groups == "hand-made":  # groups of unequal sizes: a scale gather per input channel
+        g_idx = torch.randint(0, -(-k // (k if group_size == -1 else group_size)), (k,),
+                              generator=torch.Generator().manual_seed(3))
+    layer = make_layer(k, n, bits, group_size, act_order=groups == "act-order", sym=False, g_idx=g_idx)
+    assert (sorted_groups(layer.g_idx, group_size) is None) == (groups == "hand-made" and group_size != -1)
+    kernel = select_kernel(layer, "cpu", dtype, override="torch-dequant")
+    assert kernel.tile == 24 < n
+    for rows in (1, 5):
+        check("torch-dequant", layer, rows, dtype)
+
+
+@pytest.mark.parametrize("layout", [(576, 192, 4, 128), (1536, 64, 2, 64), (576, 96, 8, 128), (576, 96, 8, -1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_weight_only_kernels_dequantize_for_many_rows(layout):
+    """From `dense_rows` rows on (counted over every leading dim), torch-int4/int8 hand the call to
+    their dequantize-then-matmul path; both paths give the reference's result."""
+    layer = make_layer(*layout, act_order=True, sym=False)
+    kernel = select_kernel(layer, "cpu", torch.bfloat16)
+    assert kernel.name == ("torch-int8" if layout[2] == 8 else "torch-int4") and kernel.dense_rows > 1
+    seen = []
+    dense_forward = kernel.dense.forward
+    kernel.dense.forward = lambda x: seen.append(x.shape[:-1]) or dense_forward(x)
+    x = torch.randn(kernel.dense_rows + 2, layer.in_features, generator=torch.Generator().manual_seed(0))
+    want = KERNELS["reference"](layer, torch.device("cpu"), torch.float32)(x.bfloat16().float())
+    for rows in (kernel.dense_rows - 1, kernel.dense_rows + 2):
+        got = kernel(x[:rows].bfloat16().reshape(1, rows, -1)).reshape(rows, -1).float()
+        assert ((got - want[:rows]).abs().max() / want[:rows].abs().max()) < TOL[torch.bfloat16]
+    assert seen == [(1, kernel.dense_rows + 2)]
+
+
 def test_selection_order_override_and_rebuild(monkeypatch):
     layer = make_layer(576, 192, 4, 128, act_order=True)
     assert select_kernel(layer, "cpu", torch.bfloat16).name == "torch-int4"
@@ -122,3 +163,16 @@ def test_sorted_groups():
     perm, size = sorted_groups(torch.tensor([1, 0, 1, 0]), 2)
     assert perm.tolist() == [1, 3, 0, 2] and size == 2
     assert sorted_groups(torch.tensor([0, 0, 0, 1]), 2) is None  # groups of unequal size
+
+
+def test_kernels_folder_imports_as_a_top_level_package():
+    """bitsandbytes probes `from kernels import get_kernel` (the Hub `kernels` package) and finds this
+    repo's `kernels/` when run from its root: importing it there must not fail (only the probe may)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", "import kernels, kernels.cpu, kernels.triton_gptq, kernels.onebit"],
+                          cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
