@@ -2,6 +2,8 @@
 
     python bench/kernels.py                 # CPU kernels + generation speed of the default model
     python bench/kernels.py --skip-generate # kernels only
+    python bench/kernels.py --only-crossover # rows where dequantize + dense beats torch-int4/int8
+    python bench/kernels.py --only-gpu      # the CUDA half alone (scripts/gpu_check.sh runs it)
 
 CPU: every CPU kernel that serves a layer (4-bit g128 act-order, 8-bit g128 and 8-bit
 per-channel) with bf16 activations (where torch's int4/int8 matmuls are fast) and fp32 ones,
@@ -133,11 +135,15 @@ def bench_crossover(rows_list=(16, 64, 128, 256, 512, 1024)) -> None:
                       flush=True)
 
 
-def bench_generate(new_tokens: int) -> None:
+def bench_generate(new_tokens: int, prefill_rows: int = 4, prefill_len: int = 512) -> None:
+    """Decoding (batch 1) and prefill / batched scoring (`prefill_rows` x `prefill_len` tokens, one
+    forward) of the default model: dense fp32/bf16 against its 4-bit checkpoint, and that checkpoint
+    with torch-int4's own matmul at every row count (no dense hand-off) to show what it buys."""
     from llmshrink import AutoModelForCausalLM, GPTQConfig, load_model, quantize
 
     model, tokenizer, source = load_model("smollm2-135m")
     prompt = tokenizer("The history of the city begins", return_tensors="pt").input_ids
+    batch = torch.randint(0, model.config.vocab_size, (prefill_rows, prefill_len), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         out = quantize(source, GPTQConfig(bits=4, group_size=128, algorithm="rtn", clip_search=False), Path(tmp) / "q",
                        progress=False)
@@ -146,18 +152,26 @@ def bench_generate(new_tokens: int) -> None:
             m = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
             kinds = ", ".join(sorted({q.kernel.name for q in m.modules() if isinstance(q, QuantLinear)}))
             models[f"4-bit g128, {str(dtype).removeprefix('torch.')} ({kinds})"] = m
-        results = {}
+        m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+        for q in m.modules():
+            if isinstance(q, QuantLinear):
+                q.kernel.dense_rows = 1 << 30
+        models["4-bit g128, bfloat16 (torch-int4, no dense hand-off)"] = m
+        decode, prefill = {}, {}
         for name, m in models.items():
             with torch.inference_mode():
                 def run():
                     m.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-                results[name] = new_tokens / timed(run, min_seconds=3.0)
-    print(f"\nGeneration, default model, greedy, {new_tokens} new tokens, batch 1")
-    print("| model | tokens/s | vs fp32 dense |")
-    print("|---|---|---|")
-    base = results["fp32 dense"]
-    for name, tps in results.items():
-        print(f"| {name} | {tps:.1f} | {tps / base:.2f}x |")
+                decode[name] = new_tokens / timed(run, min_seconds=3.0)
+                prefill[name] = batch.numel() / timed(lambda: m(batch, use_cache=False), min_seconds=3.0)
+            print(f"  {name}: {decode[name]:.1f} tokens/s decoding, {prefill[name]:.0f} tokens/s prefill", flush=True)
+    print(f"\nDefault model: decoding (greedy, {new_tokens} new tokens, batch 1) and prefill "
+          f"({prefill_rows} x {prefill_len} tokens, one forward), tokens/s")
+    print("| model | decode tokens/s | vs fp32 dense | prefill tokens/s | vs fp32 dense |")
+    print("|---|---|---|---|---|")
+    for name in models:
+        print(f"| {name} | {decode[name]:.1f} | {decode[name] / decode['fp32 dense']:.2f}x "
+              f"| {prefill[name]:.0f} | {prefill[name] / prefill['fp32 dense']:.2f}x |")
 
 
 def bench_gpu() -> None:
@@ -212,10 +226,17 @@ def main() -> None:
     parser.add_argument("--only-onebit", action="store_true", help="only the 1-bit delta kernel")
     parser.add_argument("--only-crossover", action="store_true",
                         help="only the rows at which dequantize + dense beats torch's weight-only matmuls")
+    parser.add_argument("--only-gpu", action="store_true", help="only the CUDA benchmarks (scripts/gpu_check.sh)")
     args = parser.parse_args()
     print(" ".join(sys.argv))
     if args.only_crossover:
         bench_crossover()
+        return
+    if args.only_gpu:
+        if not torch.cuda.is_available():
+            sys.exit("--only-gpu: CUDA is not available on this machine; run it where `torch.cuda.is_available()`")
+        bench_gpu()
+        bench_onebit(torch.device("cuda"))
         return
     if not args.only_onebit:
         bench_cpu()

@@ -6,10 +6,13 @@ One kernel body, two launch shapes:
   add their partial sums atomically into an fp32 buffer, so a single row still fills the GPU.
 
 Each program unpacks the codes of a BLOCK_K x BLOCK_N weight tile straight from `qweight`
-(3-bit codes that straddle two words included), looks up each row's group in `g_idx`, and
-dequantizes with that group's scale and zero point before `tl.dot`. Act-order checkpoints are
-reordered once when the kernel is built (rows sorted by group, as Marlin and ExLlama do); each
-call gathers x's columns in the same order. Activations are fp16, bf16 or fp32; accumulation is
+(3-bit codes that straddle two words included). Where the groups are uniform (after act-order
+sorting, every checkpoint GPTQ writes) and a tile lies inside one group (group size a multiple of
+BLOCK_K), it loads that group's zeros and scales once, multiplies x by the integer tile (q - zero),
+exact in every dot precision, and scales the [BLOCK_M, BLOCK_N] product; otherwise (hand-made
+g_idx, groups smaller than BLOCK_K) it looks up each row's group and dequantizes the tile first.
+Act-order checkpoints are reordered once when the kernel is built (rows sorted by group, as
+Marlin and ExLlama do); each call gathers x's columns in the same order. Activations are fp16, bf16 or fp32; accumulation is
 fp32. bf16 and fp32 tiles are multiplied as fp32 (TF32 tensor cores for bf16 inputs, which holds
 them exactly; IEEE for fp32), fp16 tiles as fp16: bf16 `tl.dot` is wrong in Triton's CPU
 interpreter, and casting in the kernel keeps GPU and interpreter on the same arithmetic.
@@ -34,8 +37,21 @@ except ImportError:  # triton is Linux-only
     triton = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_AUTOTUNE = not _INTERPRET and os.environ.get("LLMSHRINK_TRITON_AUTOTUNE", "1") != "0"  # read at import
 _DOT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # fp16 dot, tf32 dot, ieee fp32 dot
 GEMV_MAX_ROWS = 8
+
+
+def _config(bm, bn, bk, sk, w):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w}
+
+
+# The autotuner's search spaces; the first of each is what the interpreter (and an untuned run) uses.
+CONFIGS = {
+    "gemv": [_config(16, bn, bk, sk, 4) for bn in (64, 128) for bk in (64, 128) for sk in (4, 8, 16)],
+    "gemm": [_config(*c) for c in ((32, 64, 64, 1, 4), (64, 64, 64, 1, 4), (64, 128, 32, 1, 4), (128, 128, 32, 1, 8),
+                                   (128, 64, 64, 1, 4))],
+}
 
 if triton is not None:
 
@@ -49,9 +65,20 @@ if triton is not None:
         return code
 
     @triton.jit
+    def _dot(x, w, DOT: tl.constexpr):
+        """x @ w with fp32 accumulation: fp16 dot for fp16, TF32 for bf16 (exact for bf16 inputs),
+        IEEE fp32 for fp32; operands cast here so the interpreter and the GPU agree."""
+        if DOT == 0:
+            return tl.dot(x.to(tl.float16), w.to(tl.float16))
+        elif DOT == 1:
+            return tl.dot(x.to(tl.float32), w, input_precision="tf32")
+        else:
+            return tl.dot(x.to(tl.float32), w, input_precision="ieee")
+
+    @triton.jit
     def _gptq_mm(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride,
-                 BITS: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BITS: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,21 +108,30 @@ if triton is not None:
                              mask=spill[:, None] & mask_n[None, :], other=0)
             q = _unpack(lo, hi, shift[:, None], BITS)
 
-            g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
-            z_lo = tl.load(qz_ptr + g[:, None] * z_stride + zword[None, :], mask=kn_mask, other=0)
-            z_hi = z_lo
-            if BITS == 3:
-                z_hi = tl.load(qz_ptr + g[:, None] * z_stride + (zword + 1)[None, :],
-                               mask=mask_k[:, None] & zspill[None, :], other=0)
-            z = _unpack(z_lo, z_hi, zshift[None, :], BITS) + 1  # the v1 layout stores zero - 1
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
-            w = (q - z).to(tl.float32) * s  # [BLOCK_K, BLOCK_N]
-            if DOT == 0:
-                acc += tl.dot(x.to(tl.float16), w.to(tl.float16))
-            elif DOT == 1:
-                acc += tl.dot(x.to(tl.float32), w, input_precision="tf32")
-            else:
-                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            if GROUP_SIZE > 0 and GROUP_SIZE % BLOCK_K == 0:
+                # The whole tile lies in one group: one row of zeros and scales, and the scale is
+                # applied to the [BLOCK_M, BLOCK_N] product instead of the [BLOCK_K, BLOCK_N] tile.
+                g = k0 // GROUP_SIZE
+                z_lo = tl.load(qz_ptr + g * z_stride + zword, mask=mask_n, other=0)
+                z_hi = z_lo
+                if BITS == 3:
+                    z_hi = tl.load(qz_ptr + g * z_stride + zword + 1, mask=zspill, other=0)
+                z = _unpack(z_lo, z_hi, zshift, BITS) + 1  # the v1 layout stores zero - 1
+                s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                acc += _dot(x, (q - z[None, :]).to(tl.float32), DOT) * s[None, :]  # integers: exact in any dot
+            else:  # a group per row: from g_idx (hand-made groups) or by position
+                if GROUP_SIZE > 0:
+                    g = offs_k // GROUP_SIZE
+                else:
+                    g = tl.load(g_ptr + offs_k, mask=mask_k, other=0)
+                z_lo = tl.load(qz_ptr + g[:, None] * z_stride + zword[None, :], mask=kn_mask, other=0)
+                z_hi = z_lo
+                if BITS == 3:
+                    z_hi = tl.load(qz_ptr + g[:, None] * z_stride + (zword + 1)[None, :],
+                                   mask=mask_k[:, None] & zspill[None, :], other=0)
+                z = _unpack(z_lo, z_hi, zshift[None, :], BITS) + 1
+                s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
+                acc += _dot(x, (q - z).to(tl.float32) * s, DOT)  # [BLOCK_K, BLOCK_N] dequantized
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         out_mask = mask_m[:, None] & mask_n[None, :]
@@ -107,44 +143,48 @@ if triton is not None:
             tl.atomic_add(y_ptrs, acc, mask=out_mask)
 
     def _configs(gemv: bool):
-        if gemv:
-            space = [(16, bn, bk, sk, w) for bn in (64, 128) for bk in (64, 128) for sk in (4, 8, 16) for w in (4,)]
-        else:
-            space = [(bm, bn, bk, 1, w) for bm, bn, bk, w in
-                     ((32, 64, 64, 4), (64, 64, 64, 4), (64, 128, 32, 4), (128, 128, 32, 8), (128, 64, 64, 4))]
-        if _INTERPRET:
-            space = space[:1]  # nothing to tune on the CPU interpreter
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=2)
-                for bm, bn, bk, sk, w in space]
+        space = CONFIGS["gemv" if gemv else "gemm"]
+        if not _AUTOTUNE:
+            space = space[:1]  # the CPU interpreter, or LLMSHRINK_TRITON_AUTOTUNE=0 (quick GPU tests)
+        return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"], num_stages=2)
+                for c in space]
 
-    _KEY = ["M_BUCKET", "N", "K", "BITS", "DOT"]
+    _KEY = ["M_BUCKET", "N", "K", "BITS", "DOT", "GROUP_SIZE"]
 
     @triton.jit
     def _entry(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride, M_BUCKET,
-               BITS: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+               BITS: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         _gptq_mm(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride,
-                 BITS, DOT, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+                 BITS, DOT, HAS_BIAS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
 
     _gemm = triton.autotune(configs=_configs(gemv=False), key=_KEY)(_entry)
     _gemv = triton.autotune(configs=_configs(gemv=True), key=_KEY, reset_to_zero=["y_ptr"])(_entry)
 
 
 def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ dequant(W) [K, N] (+ bias) for GPTQ tensors, in x's dtype."""
+                g_idx: torch.Tensor, bits: int, bias: torch.Tensor | None = None, group_size: int = 0,
+                config: dict | None = None) -> torch.Tensor:
+    """x [M, K] @ dequant(W) [K, N] (+ bias) for GPTQ tensors, in x's dtype. `group_size` > 0 says
+    row k is in group k // group_size (sorted, uniform groups) and `g_idx` is not read; 0: any g_idx.
+    `config` (one of CONFIGS) runs those block sizes instead of the autotuned ones (tests)."""
     M, K = x.shape
     N = qweight.shape[1]
     x = x.contiguous()
     gemv = M <= GEMV_MAX_ROWS
-    y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if gemv else torch.empty((M, N), device=x.device,
-                                                                                          dtype=x.dtype)
+    split = config["SPLIT_K"] > 1 if config is not None else gemv  # partial sums added atomically in fp32
+    y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if split else torch.empty((M, N), device=x.device,
+                                                                                           dtype=x.dtype)
     bucket = M if gemv else min(1 << (M - 1).bit_length(), 4096)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
     args = (x, qweight, qzeros, scales, g_idx, bias if bias is not None else scales, y, M, N, K, x.stride(0), y.stride(0),
             qzeros.shape[1], bucket)
-    (_gemv if gemv else _gemm)[grid](*args, BITS=bits, DOT=_DOT[x.dtype], HAS_BIAS=bias is not None)
-    if gemv:
+    kwargs = dict(BITS=bits, DOT=_DOT[x.dtype], HAS_BIAS=bias is not None, GROUP_SIZE=group_size)
+    if config is not None:
+        _entry[grid](*args, **kwargs, **config, num_stages=2)
+    else:
+        (_gemv if gemv else _gemm)[grid](*args, **kwargs)
+    if split:
         y = y if bias is None else y + bias.float()
         y = y.to(x.dtype)
     return y
@@ -169,6 +209,7 @@ class TritonKernel(Kernel):
 
         super().__init__(layer, device, dtype)
         layout = sorted_groups(layer.g_idx, layer.group_size)
+        self.group_size = 0 if layout is None else layout[1]  # 0: hand-made groups, read g_idx per row
         self.perm = None
         qweight, g_idx = layer.qweight, layer.g_idx
         if layout is not None and layout[0] is not None:  # act-order: sort rows by group once
@@ -182,10 +223,11 @@ class TritonKernel(Kernel):
         self.scales = layer.scales.to(device).contiguous()
         self.bits = layer.bits
 
-    def forward(self, x):
+    def forward(self, x, config: dict | None = None):
         shape = x.shape
         x = x.reshape(-1, self.in_features)
         if self.perm is not None:
             x = x[:, self.perm]
-        y = gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias)
+        y = gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias, self.group_size,
+                        config)
         return y.reshape(*shape[:-1], self.out_features)

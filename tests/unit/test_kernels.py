@@ -11,6 +11,7 @@ from llmshrink.gptq.linear import QuantLinear
 from llmshrink.gptq.packing import pack_gptq
 from llmshrink.kernels import KERNELS, prepare_kernels, select_kernel, sorted_groups
 from llmshrink.kernels.cpu import TiledDequantKernel
+from llmshrink.kernels.triton_gptq import CONFIGS
 
 CUDA = torch.cuda.is_available()
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |y|
@@ -44,17 +45,48 @@ def check(kernel_name, layer, rows, dtype, device="cpu"):
 
 # (in_features, out_features, bits, group_size): partial last groups (96 = 1.5 x 64, 576 = 4.5 x 128),
 # per-channel groups, and 3-bit codes that straddle int32 words.
-LAYOUTS = [(64, 64, 4, 32), (96, 96, 3, 64), (96, 32, 2, -1), (64, 64, 8, 32), (128, 64, 4, 64), (96, 64, 8, -1)]
+# Groups of 64/128 hold whole BLOCK_K = 64 tiles (one scale row per tile), 32 and 96 do not (a scale per row).
+LAYOUTS = [(64, 64, 4, 32), (96, 96, 3, 64), (96, 32, 2, -1), (64, 64, 8, 32), (128, 64, 4, 64), (96, 64, 8, -1),
+           (320, 64, 4, 128)]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
 
 
 @pytest.mark.parametrize("rows", [1, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("act_order,sym", [(False, True), (True, False)])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not CUDA, reason="needs CUDA")])])
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_matches_reference(layout, act_order, sym, dtype, rows, device):
     check("triton", make_layer(*layout, act_order=act_order, sym=sym), rows, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", [(kind, i) for kind in CONFIGS for i in range(len(CONFIGS[kind]))],
+                         ids=lambda c: f"{c[0]}{c[1]}")
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_every_block_config(config, dtype, device):
+    """Each block shape the autotuner may pick (split-K 4 to 16; BLOCK_K 32 to 128 against groups
+    of 64 and 128, i.e. both the one-scale-row-per-tile and the scale-per-row paths), not just the
+    one it picks (the interpreter and the tests above only ever run the first)."""
+    kind, i = config
+    for layout, act_order in (((320, 64, 4, 128), True), ((192, 96, 3, 64), False)):
+        layer = make_layer(*layout, act_order=act_order, sym=False)
+        x = torch.randn(3, layout[0], generator=torch.Generator().manual_seed(i)).to(dtype)
+        want = KERNELS["reference"](layer, torch.device("cpu"), torch.float32)(x.float())
+        kernel = select_kernel(layer.to(device), device, dtype, override="triton")
+        got = kernel.forward(x.to(device), config=CONFIGS[kind][i]).float().cpu()
+        assert (got - want).abs().max() / want.abs().max() < TOL[dtype], f"{kind} {CONFIGS[kind][i]} on {layout}"
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_hand_made_groups(rows, dtype, device):
+    """A g_idx whose groups are not all group_size channels: the kernel reads it row by row."""
+    g_idx = torch.randint(0, 3, (192,), generator=torch.Generator().manual_seed(5))
+    layer = make_layer(192, 64, 4, 64, sym=False, g_idx=g_idx)
+    assert sorted_groups(layer.g_idx, 64) is None
+    check("triton", layer, rows, dtype, device)
 
 
 CPU_LAYOUTS = [(576, 192, 4, 128), (576, 1536, 3, 128), (1536, 576, 2, 64), (576, 576, 4, -1), (256, 64, 4, 32),
