@@ -19,7 +19,8 @@ in torch), so they serve bf16 and fp32/fp16 models go through `torch-dequant`.
   per-group scales) and multiplies tile by tile: any layout and dtype, bounded temporary memory.
 - Weight-only matmuls stop paying once the matmul is compute-bound: from `dense_rows` rows on
   (prefill, batched scoring) torch-int4/int8 hand the call to torch-dequant, i.e. dequantize once
-  and a dense bf16 matmul (crossovers measured by `bench/kernels.py --only-crossover`).
+  and a dense bf16 matmul (crossovers measured by `bench/kernels.py --only-crossover`). The two
+  paths round differently, so results agree to bf16 precision, not bit for bit, across that line.
 """
 
 from __future__ import annotations
@@ -165,13 +166,18 @@ class TiledDequantKernel(Kernel):
     def __init__(self, layer, device, dtype):
         super().__init__(layer, device, dtype)
         self.bits = layer.bits
-        self.qweight = layer.qweight.to(device)  # the layer's own buffer: nothing copied
-        scales = layer.scales.to(device=device, dtype=torch.float32)
-        offsets = unpacked_zeros(layer).to(device) * scales  # W = scale * code - scale * zero
+        # The layer's own buffer, nothing copied (QuantLinear drops its kernel when its buffers are
+        # replaced or moved; writing into qweight in place would mix new codes with these scales).
+        self.qweight = layer.qweight.to(device)
         layout = sorted_groups(layer.g_idx, layer.group_size)
         self.perm, self.size = layout if layout is not None else (None, None)
+        if self.size is not None:
+            self.size = min(self.size, self.in_features)  # one group wider than the layer
         self.g_idx = None if layout is not None else layer.g_idx.to(device=device, dtype=torch.long)
-        self.scales, self.neg_offsets = scales.to(dtype), (-offsets).to(dtype)  # [groups, out]
+        # W = (code - zero) * scale: code - zero is an exact integer in every float dtype (|.| < 256),
+        # so the weight is rounded once, as the reference rounds it.
+        self.scales = layer.scales.to(device=device, dtype=dtype)  # [groups, out]
+        self.zeros = unpacked_zeros(layer).to(device=device, dtype=dtype)
         self.shifts = (torch.arange(0, 32, self.bits, dtype=torch.int32, device=device)[:, None]
                        if 32 % self.bits == 0 else None)
         self.tile = max(16, self.TILE_ELEMENTS // self.in_features)
@@ -190,19 +196,15 @@ class TiledDequantKernel(Kernel):
 
     def weight_t(self, cols: slice) -> torch.Tensor:
         """The dequantized W.T [in, cols] in the kernel's dtype (input channels in `perm` order)."""
-        codes = self._codes(cols)
-        scales, neg_offsets = self.scales[:, cols], self.neg_offsets[:, cols]
+        w = self._codes(cols)  # a fresh tensor: dequantized in place
+        scales, zeros = self.scales[:, cols], self.zeros[:, cols]
         if self.g_idx is not None:  # hand-made groups: a scale per input channel
-            return torch.addcmul(torch.index_select(neg_offsets, 0, self.g_idx), codes,
-                                 torch.index_select(scales, 0, self.g_idx))
+            return w.sub_(torch.index_select(zeros, 0, self.g_idx)).mul_(torch.index_select(scales, 0, self.g_idx))
         k, size = self.in_features, self.size
         whole = k // size
-        w = torch.empty_like(codes)
-        head = slice(0, whole * size)
-        torch.addcmul(neg_offsets[:whole, None], codes[head].view(whole, size, -1), scales[:whole, None],
-                      out=w[head].view(whole, size, -1))
+        w[:whole * size].view(whole, size, -1).sub_(zeros[:whole, None]).mul_(scales[:whole, None])
         if whole * size < k:  # a last, partial group
-            torch.addcmul(neg_offsets[whole], codes[whole * size:], scales[whole], out=w[whole * size:])
+            w[whole * size:].sub_(zeros[whole]).mul_(scales[whole])
         return w
 
     def forward(self, x):

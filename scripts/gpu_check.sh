@@ -6,7 +6,7 @@
 # The device image has torch, triton, transformers, peft, accelerate, safetensors, but not every
 # package `import llmshrink` needs, and it cannot reach PyPI. So, first, here:
 #     bash scripts/gpu_check.sh --prepare      # wheels of the missing packages into .whl/ (git-ignored)
-# then on the device (carry [".whl"], timeout_s 600):
+# then on the device (carry [".whl"], timeout_s 600; GPU_CHECK_SECONDS, default 570, bounds the whole):
 #     bash scripts/gpu_check.sh                # logs: $OUT/gpu_tests.log, $OUT/gpu_bench.log
 # llmshrink is not pip-installed there: its files are laid out as the wheel has them (kernels/ and
 # evals/ inside llmshrink/) in a scratch folder on PYTHONPATH, and python runs with -P so the
@@ -17,7 +17,8 @@ PY=${PYTHON:-python3}
 MISSING="zstandard==0.23.0"  # imported by llmshrink.pack_codec; absent from the device's package list
 
 if [ "${1:-}" = "--prepare" ]; then
-  grep -qxF "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+  exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")" || exit 1
+  grep -qxF "/.whl/" "$exclude" 2>/dev/null || echo "/.whl/" >> "$exclude"
   exec "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $MISSING
 fi
@@ -37,10 +38,14 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'llmshrink from'
       torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee "$out/gpu_tests.log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 
-LLMSHRINK_TRITON_AUTOTUNE=0 timeout 300 "$PY" -P -m pytest -q -m gpu -p no:cacheprovider -rs \
+# Within one device call (600 s): tests first (cold Triton compiles, spread over processes where
+# pytest-xdist is there), then the bench with what is left; each stops itself rather than be killed.
+budget=${GPU_CHECK_SECONDS:-570}
+workers=$("$PY" -P -c "import xdist" 2>/dev/null && echo "-n 8")
+LLMSHRINK_TRITON_AUTOTUNE=0 timeout $((budget / 2)) "$PY" -P -m pytest -q -m gpu -p no:cacheprovider -rs $workers \
   tests/unit/test_kernels.py tests/unit/test_delta.py 2>&1 | tee -a "$out/gpu_tests.log"
 tests=${PIPESTATUS[0]}
-timeout 420 "$PY" -P bench/kernels.py --only-gpu 2>&1 | tee "$out/gpu_bench.log"
+timeout $((budget - SECONDS)) "$PY" -P bench/kernels.py --only-gpu 2>&1 | tee "$out/gpu_bench.log"
 bench=${PIPESTATUS[0]}
 echo "gpu_check: tests exit $tests, bench exit $bench"
 [ "$tests" = 0 ] && [ "$bench" = 0 ]

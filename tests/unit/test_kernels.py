@@ -60,7 +60,7 @@ def test_triton_matches_reference(layout, act_order, sym, dtype, rows, device):
     check("triton", make_layer(*layout, act_order=act_order, sym=sym), rows, dtype, device)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("config", [(kind, i) for kind in CONFIGS for i in range(len(CONFIGS[kind]))],
                          ids=lambda c: f"{c[0]}{c[1]}")
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,7 +90,7 @@ def test_triton_hand_made_groups(rows, dtype, device):
 
 
 CPU_LAYOUTS = [(576, 192, 4, 128), (576, 1536, 3, 128), (1536, 576, 2, 64), (576, 576, 4, -1), (256, 64, 4, 32),
-               (576, 576, 8, 128), (576, 576, 8, -1), (96, 64, 4, 16), (96, 40, 4, 32)]
+               (576, 576, 8, 128), (576, 576, 8, -1), (96, 64, 4, 16), (96, 40, 4, 32), (64, 32, 4, 128)]
 
 
 @pytest.mark.parametrize("rows", [1, 7, 33])
@@ -112,18 +112,18 @@ def test_cpu_kernels_match_reference(name, layout, act_order, sym, dtype, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", ["in order", "act-order", "hand-made"])
-@pytest.mark.parametrize("layout", [(576, 224, 3, 128), (320, 112, 2, 64), (96, 56, 8, -1), (96, 40, 4, 32)],
+@pytest.mark.parametrize("layout", [(576, 224, 3, 128), (320, 112, 2, 64), (96, 56, 8, -1), (96, 40, 4, 32),
+                                    (64, 48, 8, 128)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_dequant_tiles_match_reference(monkeypatch, layout, groups, dtype):
     """torch-dequant over many output tiles (the last one partial) for every way groups can lie."""
     k, n, bits, group_size = layout
     monkeypatch.setattr(TiledDequantKernel, "TILE_ELEMENTS", k * 24)  # tiles of 24 output features
-    g_idx = None
+    g_idx, count = None, -(-k // (k if group_size == -1 else group_size))
     if groups == "hand-made":  # groups of unequal sizes: a scale gather per input channel
-        g_idx = torch.randint(0, -(-k // (k if group_size == -1 else group_size)), (k,),
-                              generator=torch.Generator().manual_seed(3))
+        g_idx = torch.randint(0, count, (k,), generator=torch.Generator().manual_seed(3))
     layer = make_layer(k, n, bits, group_size, act_order=groups == "act-order", sym=False, g_idx=g_idx)
-    assert (sorted_groups(layer.g_idx, group_size) is None) == (groups == "hand-made" and group_size != -1)
+    assert (sorted_groups(layer.g_idx, group_size) is None) == (groups == "hand-made" and count > 1)
     kernel = select_kernel(layer, "cpu", dtype, override="torch-dequant")
     assert kernel.tile == 24 < n
     for rows in (1, 5):
