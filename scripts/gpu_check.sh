@@ -25,6 +25,7 @@ fi
 
 out=${OUT:-/tmp/gpu_check}
 site=$(mktemp -d /tmp/llmshrink_site.XXXX)
+trap 'rm -rf "$site"' EXIT
 mkdir -p "$out"
 cp -r llmshrink "$site/" && cp -r kernels "$site/llmshrink/kernels" && cp -r evals "$site/llmshrink/evals" || exit 1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -36,7 +37,11 @@ export PYTHONPATH="$site" PYTHONUNBUFFERED=1
 print('torch', torch.__version__, 'triton', triton.__version__, 'llmshrink from', llmshrink.kernels.__file__,
       'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else '')" 2>&1 | tee "$out/gpu_tests.log"
-[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+if [ "${PIPESTATUS[0]}" != 0 ]; then
+  echo "gpu_check: llmshrink does not import here; if a package is missing, add it to MISSING, run" \
+       "'bash scripts/gpu_check.sh --prepare' where pip works, and carry .whl" | tee -a "$out/gpu_tests.log"
+  exit 1
+fi
 
 # Within one device call (600 s): tests first (cold Triton compiles, spread over processes where
 # pytest-xdist is there), then the bench with what is left; each stops itself rather than be killed.
