@@ -6,7 +6,8 @@ One kernel body, two launch shapes:
   add their partial sums atomically into an fp32 buffer, so a single row still fills the GPU.
 
 Each program unpacks the codes of a BLOCK_K x BLOCK_N weight tile straight from `qweight`
-(3-bit codes that straddle two words included). Where the groups are uniform (after act-order
+(3-bit codes that straddle two words included), loading each packed word once and repeating it
+in registers, or once per code row (WORDS_ONCE, a tuning choice: which is faster is up to the GPU). Where the groups are uniform (after act-order
 sorting, every checkpoint GPTQ writes) and a tile lies inside one group (group size a multiple of
 BLOCK_K), it loads that group's zeros and scales once, multiplies x by the integer tile (q - zero),
 exact in every dot precision, and scales the [BLOCK_M, BLOCK_N] product; otherwise (hand-made
@@ -42,15 +43,18 @@ _DOT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # fp16 dot, tf32
 GEMV_MAX_ROWS = 8
 
 
-def _config(bm, bn, bk, sk, w):
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w}
+def _config(bm, bn, bk, sk, w, once):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "num_warps": w, "WORDS_ONCE": once}
 
 
 # The autotuner's search spaces; the first of each is what the interpreter (and an untuned run) uses.
+# WORDS_ONCE: load each packed word once and repeat it in registers, or load it once per code row
+# (cached, but 32 / bits load instructions per word); which is faster is the GPU's to say.
 CONFIGS = {
-    "gemv": [_config(16, bn, bk, sk, 4) for bn in (64, 128) for bk in (64, 128) for sk in (4, 8, 16)],
-    "gemm": [_config(*c) for c in ((32, 64, 64, 1, 4), (64, 64, 64, 1, 4), (64, 128, 32, 1, 4), (128, 128, 32, 1, 8),
-                                   (128, 64, 64, 1, 4))],
+    "gemv": [_config(16, bn, bk, sk, 4, once) for once in (0, 1) for bn in (64, 128) for bk in (64, 128)
+             for sk in (4, 8, 16)],
+    "gemm": [_config(*c, once) for once in (0, 1) for c in ((32, 64, 64, 1, 4), (64, 64, 64, 1, 4), (64, 128, 32, 1, 4),
+                                                            (128, 128, 32, 1, 8), (128, 64, 64, 1, 4))],
 }
 
 if triton is not None:
@@ -78,7 +82,8 @@ if triton is not None:
     @triton.jit
     def _gptq_mm(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride,
                  BITS: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 WORDS_ONCE: tl.constexpr):
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
         offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -100,13 +105,23 @@ if triton is not None:
             bit = offs_k * BITS
             word, shift = bit // 32, bit % 32
             kn_mask = mask_k[:, None] & mask_n[None, :]
-            lo = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=kn_mask, other=0)
-            hi = lo
-            if BITS == 3:
-                spill = mask_k & (shift + BITS > 32)
-                hi = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :],
-                             mask=spill[:, None] & mask_n[None, :], other=0)
-            q = _unpack(lo, hi, shift[:, None], BITS)
+            if WORDS_ONCE and 32 % BITS == 0:
+                # Each packed word once ([BLOCK_K / codes-per-word, BLOCK_N]), then repeated down
+                # the rows it holds; k0 and k_end are multiples of the codes per word.
+                WORDS: tl.constexpr = BLOCK_K * BITS // 32
+                offs_w = k0 * BITS // 32 + tl.arange(0, WORDS)
+                words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :],
+                                mask=(offs_w < k_end * BITS // 32)[:, None] & mask_n[None, :], other=0)
+                lo = tl.reshape(tl.broadcast_to(words[:, None, :], (WORDS, 32 // BITS, BLOCK_N)), (BLOCK_K, BLOCK_N))
+                q = (lo >> shift[:, None]) & ((1 << BITS) - 1)
+            else:  # a load per row (the same word for 32 / BITS rows; 3-bit codes straddle words)
+                lo = tl.load(qw_ptr + word[:, None] * N + offs_n[None, :], mask=kn_mask, other=0)
+                hi = lo
+                if BITS == 3:
+                    spill = mask_k & (shift + BITS > 32)
+                    hi = tl.load(qw_ptr + (word + 1)[:, None] * N + offs_n[None, :],
+                                 mask=spill[:, None] & mask_n[None, :], other=0)
+                q = _unpack(lo, hi, shift[:, None], BITS)
 
             if GROUP_SIZE > 0 and GROUP_SIZE % BLOCK_K == 0:
                 # The whole tile lies in one group: one row of zeros and scales, and the scale is
@@ -154,9 +169,10 @@ if triton is not None:
     @triton.jit
     def _entry(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride, M_BUCKET,
                BITS: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+               WORDS_ONCE: tl.constexpr):
         _gptq_mm(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride,
-                 BITS, DOT, HAS_BIAS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K)
+                 BITS, DOT, HAS_BIAS, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, WORDS_ONCE)
 
     _gemm = triton.autotune(configs=_configs(gemv=False), key=_KEY)(_entry)
     _gemv = triton.autotune(configs=_configs(gemv=True), key=_KEY, reset_to_zero=["y_ptr"])(_entry)

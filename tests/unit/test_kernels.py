@@ -66,10 +66,12 @@ def test_triton_matches_reference(layout, act_order, sym, dtype, rows, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_every_block_config(config, dtype, device):
     """Each block shape the autotuner may pick (split-K 4 to 16; BLOCK_K 32 to 128 against groups
-    of 64 and 128, i.e. both the one-scale-row-per-tile and the scale-per-row paths), not just the
-    one it picks (the interpreter and the tests above only ever run the first)."""
+    of 64, 96 and 128, i.e. both the one-scale-row-per-tile and the scale-per-row paths; packed
+    words loaded per row or once, for 2/4/8 bits), not just the one it picks (the interpreter and
+    the tests above only ever run the first)."""
     kind, i = config
-    for layout, act_order in (((320, 64, 4, 128), True), ((192, 96, 3, 64), False)):
+    for layout, act_order in (((320, 64, 4, 128), True), ((192, 96, 3, 64), False), ((256, 32, 2, 64), True),
+                              ((96, 32, 8, -1), False)):
         layer = make_layer(*layout, act_order=act_order, sym=False)
         x = torch.randn(3, layout[0], generator=torch.Generator().manual_seed(i)).to(dtype)
         want = KERNELS["reference"](layer, torch.device("cpu"), torch.float32)(x.float())
