@@ -24,6 +24,10 @@ if [ "${1:-}" = "--prepare" ]; then
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $MISSING
 fi
 
+case ${1:-all} in
+  all|tests|bench) ;;
+  *) echo "usage: bash scripts/gpu_check.sh [--prepare|tests|bench|all]" >&2; exit 2 ;;
+esac
 out=${OUT:-/tmp/gpu_check}
 site=$(mktemp -d /tmp/llmshrink_site.XXXX)
 trap 'rm -rf "$site"' EXIT
@@ -47,17 +51,18 @@ fi
 # Within one device call (600 s): tests first (cold Triton compiles, spread over processes where
 # pytest-xdist is there), then the bench with what is left; each stops itself rather than be killed.
 budget=${GPU_CHECK_SECONDS:-570}
+left() { local n=$((budget - SECONDS)); echo $((n < 1 ? 1 : n)); }  # `timeout 0` would mean no limit
 part=${1:-all}
 tests=skipped bench=skipped
 if [ "$part" = all ] || [ "$part" = tests ]; then
   workers=$("$PY" -P -c "import xdist" 2>/dev/null && echo "-n 8")
-  share=$([ "$part" = all ] && echo $((budget / 2)) || echo $((budget - SECONDS)))
+  share=$([ "$part" = all ] && echo $((budget / 2)) || left)
   LLMSHRINK_TRITON_AUTOTUNE=0 timeout "$share" "$PY" -P -m pytest -q -m gpu -p no:cacheprovider -rs $workers \
     tests/unit/test_kernels.py tests/unit/test_delta.py 2>&1 | tee -a "$out/gpu_tests.log"
   tests=${PIPESTATUS[0]}
 fi
 if [ "$part" = all ] || [ "$part" = bench ]; then
-  timeout $((budget - SECONDS)) "$PY" -P bench/kernels.py --only-gpu 2>&1 | tee "$out/gpu_bench.log"
+  timeout "$(left)" "$PY" -P bench/kernels.py --only-gpu 2>&1 | tee "$out/gpu_bench.log"
   bench=${PIPESTATUS[0]}
 fi
 echo "gpu_check: tests exit $tests, bench exit $bench"
