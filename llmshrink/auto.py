@@ -22,17 +22,23 @@ __all__ = ["AutoModelForCausalLM"]
 _NOT_LOADED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ot"]  # never read
 
 
-def _local_folder(resolved: str) -> str:
-    """A Hub id's snapshot folder (downloaded, or from the cache when offline); folders as they are."""
+def _local_folder(resolved: str, revision: str | None = None, token: str | bool | None = None) -> str:
+    """A Hub id's snapshot folder at `revision` (downloaded, or from the cache when offline); folders
+    as they are."""
     if Path(resolved).is_dir():
+        if revision is not None:
+            raise UsageError(f"revision={revision!r} is for Hub ids; '{resolved}' is a local folder: drop revision=")
         return resolved
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     try:
-        return snapshot_download(resolved, ignore_patterns=_NOT_LOADED)
+        return snapshot_download(resolved, revision=revision, token=token, ignore_patterns=_NOT_LOADED)
     except RepositoryNotFoundError:
         raise UsageError(f"model '{resolved}' is not on the Hub (or is private: log in with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise UsageError(f"model '{resolved}' has no revision {revision!r}: use a branch, tag or commit id it has") from None
     except LocalEntryNotFoundError:
         raise UsageError(f"model '{resolved}' is not in the local Hugging Face cache and the Hub cannot be reached "
                          "(offline: HF_HUB_OFFLINE=1, or no network); download it where the Hub is reachable or "
@@ -46,11 +52,14 @@ class AutoModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
-                        trust_remote_code: bool = False, base_model: str | os.PathLike | None = None, **kwargs):
+                        trust_remote_code: bool = False, base_model: str | os.PathLike | None = None,
+                        revision: str | None = None, token: str | bool | None = None, **kwargs):
         """Args:
             name: packaged name, folder or Hub id.
             dtype: torch dtype or its name.
             base_model: for a delta or adapter folder, where its base lives (default: the recorded name/path).
+            revision: branch, tag or commit of a Hub id (default: main).
+            token: Hub token for a Hub id and its base (default: HF_TOKEN or the saved login).
             kwargs: passed to transformers for plain checkpoints.
         """
         from .models import DTYPES, resolve_model
@@ -58,14 +67,14 @@ class AutoModelForCausalLM:
         if trust_remote_code:
             raise UsageError("llmshrink never runs a model's remote code; load it with transformers yourself")
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        resolved = _local_folder(resolve_model(name))
-        model = cls._load(resolved, name, dtype, base_model, **kwargs)
+        resolved = _local_folder(resolve_model(name), revision, token)
+        model = cls._load(resolved, name, dtype, base_model, token, **kwargs)
         model.llmshrink_source = resolved  # what push_to_hub uploads: the files as loaded, format kept
         model.push_to_hub = functools.partial(push_to_hub, model)
         return model
 
     @classmethod
-    def _load(cls, resolved: str, name, dtype: torch.dtype, base_model, **kwargs):
+    def _load(cls, resolved: str, name, dtype: torch.dtype, base_model, token, **kwargs):
         from transformers import AutoConfig
         from transformers import AutoModelForCausalLM as HFAuto
 
@@ -84,8 +93,8 @@ class AutoModelForCausalLM:
             if not base:
                 raise UsageError(f"the adapter in {name} does not record its base model; pass base_model=")
             base_resolved = resolve_model(base)
-            return load_adapter(cls.from_pretrained(base_resolved, dtype=dtype, **kwargs), resolved, base_resolved,
-                                check_base=base_model is None)
+            return load_adapter(cls.from_pretrained(base_resolved, dtype=dtype, token=token, **kwargs), resolved,
+                                base_resolved, check_base=base_model is None)
         if base_model is not None:
             raise UsageError(f"base_model= is for delta and adapter folders; {name} is neither")
         try:

@@ -69,6 +69,29 @@ def test_push_then_load_back_in_a_fresh_process_gives_the_same_logits(hub, quant
     assert len(hub.commits("me/tiny-gptq")) == 1 and not hub.repo("me/tiny-gptq")["private"]
 
 
+def test_from_pretrained_loads_the_revision_asked_for(hub, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # nothing from earlier runs
+    # file downloads use a URL template built from the endpoint at import (subprocesses get HF_ENDPOINT)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    first, second = save_tiny(tmp_path / "first", seed=0), save_tiny(tmp_path / "second", seed=1)
+    push_folder(first, "me/revs")
+    push_folder(second, "me/revs")
+    old = hub.commits("me/revs")[0]["oid"]
+    load = llmshrink.AutoModelForCausalLM.from_pretrained
+    with torch.no_grad():
+        want_old, want_new = load(first)(IDS).logits, load(second)(IDS).logits
+        torch.testing.assert_close(load("me/revs", revision=old)(IDS).logits, want_old)
+        torch.testing.assert_close(load("me/revs")(IDS).logits, want_new)
+        torch.testing.assert_close(load("me/revs", revision="main", token=TOKEN)(IDS).logits, want_new)
+    assert not torch.allclose(want_old, want_new)
+    with pytest.raises(UsageError, match="model 'me/revs' has no revision 'nope': use a branch, tag or commit id"):
+        load("me/revs", revision="nope")
+    with pytest.raises(UsageError, match="is for Hub ids; .* is a local folder: drop revision="):
+        load(first, revision=old)
+
+
 def test_model_card_metadata_parses_and_carries_the_fields(hub, quantized):
     push_folder(quantized, "me/tiny-card", private=True)
     card = hub.files("me/tiny-card")["README.md"].decode()
