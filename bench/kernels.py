@@ -177,13 +177,15 @@ def bench_generate(new_tokens: int, prefill_rows: int = 4, prefill_len: int = 51
 def bench_gpu() -> None:
     import triton
 
+    from llmshrink.kernels import triton_gptq
     from llmshrink.kernels.triton_gptq import TritonKernel
 
     cuda = torch.device("cuda")
     print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
-          "speedup = fp16 F.linear (cuBLAS) time / Triton time, 4-bit g128")
-    print("| layer (in x out) | rows | fp16 cuBLAS ms | triton ms | speedup |")
-    print("|---|---|---|---|---|")
+          "speedup = fp16 F.linear (cuBLAS) time / Triton time, 4-bit g128; tuned = the autotuner's pick "
+          "(BLOCK_M/N/K, SPLIT_K, WORDS_ONCE, warps)")
+    print("| layer (in x out) | rows | fp16 cuBLAS ms | triton ms | speedup | tuned |")
+    print("|---|---|---|---|---|---|")
     for k, n in GPU_SHAPES:
         layer = random_layer(k, n, 4, 128, act_order=False, device=cuda)
         dense = layer.dequantized_weight().half()
@@ -192,7 +194,11 @@ def bench_gpu() -> None:
             x = torch.randn(rows, k, device=cuda, dtype=torch.float16)
             base = timed(lambda: F.linear(x, dense), cuda=True)
             t = timed(lambda: kernel(x), cuda=True)
-            print(f"| {k}x{n} | {rows} | {base * 1e3:.4f} | {t * 1e3:.4f} | {base / t:.2f}x |", flush=True)
+            tuner = triton_gptq._gemv if rows <= triton_gptq.GEMV_MAX_ROWS else triton_gptq._gemm
+            c = getattr(tuner, "best_config", None)
+            tuned = "?" if c is None else "/".join(str(c.kwargs.get(name, "-")) for name in (
+                "BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "WORDS_ONCE")) + f"/w{c.num_warps}"
+            print(f"| {k}x{n} | {rows} | {base * 1e3:.4f} | {t * 1e3:.4f} | {base / t:.2f}x | {tuned} |", flush=True)
 
 
 def bench_onebit(device: torch.device) -> None:
