@@ -64,6 +64,6 @@ def unpacked_codes(layer, perm: torch.Tensor | None = None) -> tuple[torch.Tenso
 
 def unpacked_zeros(layer) -> torch.Tensor:
     """Zero points [groups, out] int32 of a QuantLinear, on its device (the codes stay packed)."""
-    from ..gptq.packing import unpack_rows
+    from ..gptq.packing import unpack_zeros
 
-    return unpack_rows(layer.qzeros.t().contiguous(), layer.bits).t().contiguous() + 1
+    return unpack_zeros(layer.qzeros, layer.bits)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_BITS", "pack_rows", "unpack_rows", "pack_gptq", "unpack_gptq", "dequantize_gptq"]
+__all__ = ["SUPPORTED_BITS", "pack_rows", "unpack_rows", "pack_gptq", "unpack_gptq", "unpack_zeros",
+           "dequantize_gptq"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -110,9 +111,12 @@ def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_
 def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, bits: int,
                 in_features: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [out, in] int32, zeros [groups, out] int32) from packed tensors; zeros get their +1 back."""
-    codes = unpack_rows(qweight, bits, in_features).t().contiguous()
-    zeros = unpack_rows(qzeros.t().contiguous(), bits).t().contiguous() + 1
-    return codes, zeros
+    return unpack_rows(qweight, bits, in_features).t().contiguous(), unpack_zeros(qzeros, bits)
+
+
+def unpack_zeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points [groups, out] int32 from `qzeros`, with their +1 back."""
+    return unpack_rows(qzeros.t().contiguous(), bits).t().contiguous() + 1
 
 
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
