@@ -13,7 +13,7 @@ import os
 
 import torch
 
-__all__ = ["sign_matmul", "sign_matmul_reference", "sign_matmul_triton"]
+__all__ = ["sign_matmul", "sign_matmul_reference", "sign_matmul_triton", "compile_report"]
 
 _TILE_ROWS = 2048
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # output rows unpacked at a time by the reference
@@ -51,7 +51,8 @@ if triton is not None:
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # y[m, n] = scale[n] * sum_k x[m, k] * (2 * bit(w[n, k // 32], k % 32) - 1)
         # NATIVE: fp16/bf16 x on a GPU, dotted in its own dtype (+-1 is exact there; tensor cores);
-        # otherwise both sides in fp32 with IEEE products (no TF32), as the interpreter needs.
+        # otherwise both sides in fp32, as the interpreter needs: 3xTF32 on a GPU (tensor cores, about
+        # fp32's accuracy: +-1 is exact and x is split in two TF32 parts), exact fp32 in the interpreter.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rm * stride may pass 2**31
@@ -67,7 +68,7 @@ if triton is not None:
             if NATIVE:
                 acc += tl.dot(x, (bit * 2 - 1).to(x.dtype))
             else:
-                acc += tl.dot(x.to(tl.float32), (bit * 2 - 1).to(tl.float32), input_precision="ieee")
+                acc += tl.dot(x.to(tl.float32), (bit * 2 - 1).to(tl.float32), input_precision="tf32x3")
         if PER_ROW:
             s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
             acc = acc * s[None, :]
@@ -92,6 +93,22 @@ def sign_matmul_triton(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor
                               words.shape[1], x2.stride(0), y.stride(0), triton.next_power_of_2(M),
                               PER_ROW=scale.numel() > 1, NATIVE=native)
     return y.reshape(*x.shape[:-1], N)
+
+
+def compile_report(block: tuple[int, int, int, int], *, dtype: torch.dtype = torch.float16, per_row: bool = True,
+                   arch: int = 90) -> dict:
+    """Compile the kernel for sm_`arch` with one block shape of its autotune space (BLOCK_M, BLOCK_N,
+    words per BLOCK_K, warps), as a GPU launch builds it, on a machine without a GPU (kernels.aot)."""
+    from .aot import TRITON_TYPE, compile_for_gpu
+
+    t = TRITON_TYPE[dtype]
+    m, nb, kw, warps = block
+    constexprs = dict(PER_ROW=per_row, NATIVE=dtype != torch.float32, BLOCK_M=m, BLOCK_N=nb, BLOCK_K=32 * kw)
+    signature = {"x_ptr": f"*{t}", "w_ptr": "*i32", "s_ptr": "*fp32", "y_ptr": f"*{t}", "M": "i32", "N": "i32",
+                 "K": "i32", "KW": "i32", "stride_xm": "i32", "stride_ym": "i32", "M_BUCKET": "i32",
+                 **dict.fromkeys(constexprs, "constexpr")}
+    return compile_for_gpu(_sign_matmul_kernel.fn, signature, constexprs, arch=arch, num_warps=warps,
+                           aligned=("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym"))
 
 
 def sign_matmul(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:

@@ -7,16 +7,23 @@ One kernel body, two launch shapes:
 
 Each program unpacks the codes of a BLOCK_K x BLOCK_N weight tile straight from `qweight`
 (3-bit codes that straddle two words included), loading each packed word once and repeating it
-in registers, or once per code row (WORDS_ONCE, a tuning choice: which is faster is up to the GPU). Where the groups are uniform (after act-order
-sorting, every checkpoint GPTQ writes) and a tile lies inside one group (group size a multiple of
-BLOCK_K), it loads that group's zeros and scales once, multiplies x by the integer tile (q - zero),
-exact in every dot precision, and scales the [BLOCK_M, BLOCK_N] product; otherwise (hand-made
-g_idx, groups smaller than BLOCK_K) it looks up each row's group and dequantizes the tile first.
-Act-order checkpoints are reordered once when the kernel is built (rows sorted by group, as
-Marlin and ExLlama do); each call gathers x's columns in the same order. Activations are fp16, bf16 or fp32; accumulation is
-fp32. bf16 and fp32 tiles are multiplied as fp32 (TF32 tensor cores for bf16 inputs, which holds
-them exactly; IEEE for fp32), fp16 tiles as fp16: bf16 `tl.dot` is wrong in Triton's CPU
-interpreter, and casting in the kernel keeps GPU and interpreter on the same arithmetic.
+in registers, or once per code row (WORDS_ONCE, a tuning choice: which is faster is up to the
+GPU). Where the groups are uniform (after act-order sorting, every checkpoint GPTQ writes) and a
+tile lies inside one group (group size a multiple of BLOCK_K), it loads that group's zeros and
+scales once, multiplies x by the integer tile (q - zero), exact in every dot precision, and
+scales the [BLOCK_M, BLOCK_N] product; otherwise (hand-made g_idx, groups smaller than BLOCK_K)
+it looks up each row's group and dequantizes the tile first. Act-order checkpoints are reordered
+once when the kernel is built (rows sorted by group, as Marlin and ExLlama do); each call gathers
+x's columns in the same order.
+
+Activations are fp16, bf16 or fp32, accumulation fp32. Tiles are multiplied in the activations'
+dtype on tensor cores: fp16, bf16, and fp32 as 3xTF32 (x split in two TF32 parts; about fp32's
+accuracy, where an IEEE fp32 dot runs on the FMA units and spills registers). Triton's CPU
+interpreter multiplies in exact fp32 whatever the precision asked, and its bf16 `tl.dot` is
+wrong, so there bf16 tiles are cast to fp32 first. On the uniform-group path the products are
+the same on the GPU and in the interpreter (integer tiles, bf16 x); a dequantized tile is
+rounded to bf16 on the GPU only.
+`python -m llmshrink.kernels.aot` compiles every block shape for sm_80/sm_90 without a GPU.
 
 On CPU the kernel runs only under TRITON_INTERPRET=1 (the tests do); it is never chosen there.
 """
@@ -29,7 +36,7 @@ import torch
 
 from .base import Kernel, sorted_groups, unpacked_codes
 
-__all__ = ["TritonKernel", "gptq_matmul"]
+__all__ = ["TritonKernel", "gptq_matmul", "compile_report"]
 
 try:
     import triton
@@ -39,7 +46,9 @@ except ImportError:  # triton is Linux-only
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _AUTOTUNE = not _INTERPRET and os.environ.get("LLMSHRINK_TRITON_AUTOTUNE", "1") != "0"  # read at import
-_DOT = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # fp16 dot, tf32 dot, ieee fp32 dot
+# The dot each activation dtype gets: fp16, bf16 (on a GPU) or 3xTF32; bf16 under the interpreter,
+# whose bf16 dot is wrong, is cast to fp32 (3; the interpreter's dots are exact fp32).
+_DOT = {torch.float16: 0, torch.bfloat16: 3 if _INTERPRET else 1, torch.float32: 2}
 GEMV_MAX_ROWS = 8
 
 
@@ -70,14 +79,16 @@ if triton is not None:
 
     @triton.jit
     def _dot(x, w, DOT: tl.constexpr):
-        """x @ w with fp32 accumulation: fp16 dot for fp16, TF32 for bf16 (exact for bf16 inputs),
-        IEEE fp32 for fp32; operands cast here so the interpreter and the GPU agree."""
+        """x @ w with fp32 accumulation, in the dtype of the activations (see _DOT); the operands are
+        cast here, in the kernel, so what the interpreter tests is what the GPU compiles."""
         if DOT == 0:
             return tl.dot(x.to(tl.float16), w.to(tl.float16))
         elif DOT == 1:
-            return tl.dot(x.to(tl.float32), w, input_precision="tf32")
-        else:
-            return tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            return tl.dot(x.to(tl.bfloat16), w.to(tl.bfloat16))
+        elif DOT == 2:
+            return tl.dot(x.to(tl.float32), w, input_precision="tf32x3")
+        else:  # bf16 in the interpreter
+            return tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
 
     @triton.jit
     def _gptq_mm(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, z_stride,
@@ -204,6 +215,25 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
         y = y if bias is None else y + bias.float()
         y = y.to(x.dtype)
     return y
+
+
+def compile_report(config: dict, *, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
+                   has_bias: bool = False, arch: int = 90) -> dict:
+    """Compile the kernel for sm_`arch` with one of CONFIGS, as `gptq_matmul` launches it, on a machine
+    without a GPU (kernels.aot): its registers, spill bytes and shared memory per program."""
+    from .aot import TRITON_TYPE, compile_for_gpu
+
+    t = TRITON_TYPE[dtype]
+    y = "fp32" if config["SPLIT_K"] > 1 else t
+    signature = {"x_ptr": f"*{t}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "g_ptr": "*i32",
+                 "b_ptr": f"*{t}", "y_ptr": f"*{y}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
+                 "stride_ym": "i32", "z_stride": "i32", "M_BUCKET": "i32"}
+    constexprs = dict(BITS=bits, DOT=_DOT[dtype], HAS_BIAS=has_bias, GROUP_SIZE=group_size,
+                      **{k: v for k, v in config.items() if k != "num_warps"})
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    aligned = ("x_ptr", "qw_ptr", "qz_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym")
+    return compile_for_gpu(_entry, signature, constexprs, arch=arch, num_warps=config["num_warps"], num_stages=2,
+                           aligned=aligned)
 
 
 class TritonKernel(Kernel):

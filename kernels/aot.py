@@ -1,0 +1,168 @@
+"""Compile a Triton kernel for an NVIDIA GPU on a machine that has none.
+
+Triton's wheel carries ptxas, so a kernel can go all the way from Python to a cubin for, say, an
+H100 (sm_90) on a CPU-only CI machine. That catches what the CPU interpreter lets through (a
+`tl.dot` under 16 wide, a reshape or a cast the GPU compiler refuses, a branch the interpreter
+never traced) and says what each block shape costs in registers, spills and shared memory: the
+nearest one gets to a kernel's speed without the GPU.
+
+    report = compile_for_gpu(_entry, {"x_ptr": "*fp16", ..., "BITS": "constexpr"}, {"BITS": 4}, arch=90)
+    report["registers"], report["spill_bytes"], report["shared_bytes"]
+
+Arguments named in `aligned` are compiled as the launcher compiles them when the pointer or the
+integer is a multiple of 16 (what real tensors and shapes give), so the code is the code a GPU runs.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["TRITON_TYPE", "compile_for_gpu", "gpu_compiler_available", "main"]
+
+TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}  # signature names
+
+
+def _tool(name: str) -> Path | None:
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        return None
+    path = Path(nvidia.__file__).parent / "bin" / name
+    return path if path.exists() else None
+
+
+def gpu_compiler_available() -> str | None:
+    """None when kernels can be compiled for NVIDIA GPUs here, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    missing = [name for name in ("ptxas", "cuobjdump") if _tool(name) is None]
+    return f"triton's NVIDIA backend lacks {', '.join(missing)}" if missing else None
+
+
+def compile_for_gpu(fn, signature: dict[str, str], constexprs: dict, *, arch: int = 90, num_warps: int = 4,
+                    num_stages: int = 2, aligned: tuple[str, ...] = ()) -> dict:
+    """Compile the @triton.jit `fn` for sm_`arch`; {"registers", "spill_bytes", "shared_bytes"}.
+
+    `signature` maps every argument to its Triton type ("*fp16", "i32", "constexpr"); `constexprs`
+    gives the constexpr values. Raises triton's CompilationError (or ptxas's error) when it fails."""
+    why = gpu_compiler_available()
+    if why is not None:
+        raise RuntimeError(f"cannot compile for a GPU here: {why}; install triton for Linux x86_64")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if not hasattr(fn, "cache_key"):
+        raise RuntimeError(f"{getattr(fn, '__name__', fn)} was defined under TRITON_INTERPRET=1 (the CPU interpreter); "
+                           "compile for a GPU in a process without it")
+    unknown = sorted(set(signature) - set(fn.arg_names)) + sorted(set(constexprs) - set(signature))
+    if unknown:
+        raise ValueError(f"{fn.__name__} has no argument {unknown[0]!r}; name arguments as the kernel does")
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(_tool("cuobjdump")), "--dump-resource-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    return {"registers": int(fields["REG"]), "spill_bytes": int(fields["LOCAL"]) + int(fields["STACK"]),
+            "shared_bytes": kernel.metadata.shared}
+
+
+# Shared memory one program may use, per architecture (bytes; CUDA's opt-in maximum per block).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def _cases():
+    """(kernel, label, first in its space, compile arguments) for llmshrink's Triton kernels: every
+    block shape of each autotune space in the common layouts, and every code path (bits, activation
+    dtype, group handling, bias) in the first block shape of each space."""
+    from . import onebit, triton_gptq
+
+    short = TRITON_TYPE
+    layouts = ((torch.float16, 128, False), (torch.bfloat16, 128, True), (torch.bfloat16, 0, True))
+    for kind, space in triton_gptq.CONFIGS.items():
+        for i, config in enumerate(space):
+            for dtype, group, bias in layouts:
+                yield (f"gptq-{kind}", f"#{i} 4-bit {short[dtype]} group {group}{' bias' if bias else ''}", i == 0,
+                       dict(config=config, dtype=dtype, bits=4, group_size=group, has_bias=bias))
+        for bits in (2, 3, 4, 8):
+            for dtype in short:
+                for group in (0, 32, 128):  # g_idx per row, a group per row by position, a group per tile
+                    yield (f"gptq-{kind}", f"#0 {bits}-bit {short[dtype]} group {group} bias", True,
+                           dict(config=space[0], dtype=dtype, bits=bits, group_size=group, has_bias=True))
+    if getattr(onebit, "triton", None) is not None:
+        for i, block in enumerate(onebit._SPACE):
+            for dtype in short:
+                yield "sign-1bit", f"#{i} {short[dtype]} per-row scale", i == 0, dict(block=block, dtype=dtype)
+
+
+def _compile_case(kernel: str, arch: int, kwargs: dict) -> dict:
+    from . import onebit, triton_gptq
+
+    try:
+        report = (onebit if kernel == "sign-1bit" else triton_gptq).compile_report(**kwargs, arch=arch)
+        return {**report, "fits": report["shared_bytes"] <= SHARED_LIMIT[arch]}
+    except Exception as e:  # noqa: BLE001 - reported per case; the exit status says it failed
+        while e.__cause__ is not None:  # Triton wraps the cause once per inlined call: keep the root
+            e = e.__cause__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return {"error": f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    parser = argparse.ArgumentParser(prog="python -m llmshrink.kernels.aot",
+                                     description="Compile llmshrink's Triton kernels for NVIDIA GPUs, no GPU needed, "
+                                                 "and report registers, spills and shared memory per block shape.")
+    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT),
+                        help="compute capability x10 (80 = A100, 89 = L4/RTX 4090, 90 = H100/H200); repeatable; "
+                             "default 90")
+    parser.add_argument("--json", action="store_true", help="one JSON list on stdout instead of a table")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more compiler processes")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 replaces the kernels with the CPU interpreter; unset it for this command")
+    why = gpu_compiler_available()
+    if why is not None:
+        parser.error(f"cannot compile for a GPU here: {why}")
+    cases = [(arch, *case) for arch in args.arch or [90] for case in _cases()]
+    rows = []
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = pool.map(_compile_case, [c[1] for c in cases], [c[0] for c in cases], [c[4] for c in cases])
+        for (arch, kernel, label, first, _), result in zip(cases, results):
+            rows.append(row := {"arch": arch, "kernel": kernel, "case": label, "first": first, **result})
+            if not args.json:
+                what = row.get("error") or (f"{row['registers']:3d} regs  {row['spill_bytes']:5d} B spilled  "
+                                            f"{row['shared_bytes'] // 1024:4d} KiB shared"
+                                            f"{'' if row['fits'] else '  (over this GPU: the autotuner skips it)'}")
+                print(f"sm_{arch}  {kernel:10s} {label:34s} {what}", flush=True)
+    # Failures: a case that does not compile, or a first block shape (what runs untuned) that cannot launch.
+    failed = [r for r in rows if "error" in r or (r["first"] and not r["fits"])]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"{len(rows)} compiled cases, {len(failed)} failed, "
+              f"{sum(r.get('spill_bytes', 0) > 0 for r in rows)} spill registers")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
