@@ -72,8 +72,11 @@ def compile_for_gpu(fn, signature: dict[str, str], constexprs: dict, *, arch: in
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([str(_tool("cuobjdump")), "--dump-resource-usage", str(cubin)],
-                               capture_output=True, text=True, check=True).stdout
+        done = subprocess.run([str(_tool("cuobjdump")), "--dump-resource-usage", str(cubin)], capture_output=True,
+                              text=True)
+        if done.returncode:
+            raise RuntimeError(f"cuobjdump could not read the cubin: {done.stderr.strip()[-300:]}")
+        usage = done.stdout
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
     return {"registers": int(fields["REG"]), "spill_bytes": int(fields["LOCAL"]) + int(fields["STACK"]),
             "shared_bytes": kernel.metadata.shared}
@@ -99,12 +102,21 @@ def _cases():
         for bits in (2, 3, 4, 8):
             for dtype in short:
                 for group in (0, 32, 128):  # g_idx per row, a group per row by position, a group per tile
+                    if bits == 4 and (dtype, group, True) in layouts:
+                        continue  # compiled above
                     yield (f"gptq-{kind}", f"#0 {bits}-bit {short[dtype]} group {group} bias", True,
                            dict(config=space[0], dtype=dtype, bits=bits, group_size=group, has_bias=True))
+        i, once = next((i, c) for i, c in enumerate(space) if c["WORDS_ONCE"])  # its word loads for other widths
+        for bits in (2, 3, 8):
+            yield (f"gptq-{kind}", f"#{i} {bits}-bit fp16 group 128", False,
+                   dict(config=once, dtype=torch.float16, bits=bits, group_size=128))
     if getattr(onebit, "triton", None) is not None:
         for i, block in enumerate(onebit._SPACE):
             for dtype in short:
                 yield "sign-1bit", f"#{i} {short[dtype]} per-row scale", i == 0, dict(block=block, dtype=dtype)
+        for dtype in short:
+            yield "sign-1bit", f"#0 {short[dtype]} one scale", True, dict(block=onebit._SPACE[0], dtype=dtype,
+                                                                          per_row=False)
 
 
 def _compile_case(kernel: str, arch: int, kwargs: dict) -> dict:
@@ -125,7 +137,9 @@ def main(argv=None) -> int:
     import json
     import multiprocessing
     import os
+    import sys
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     parser = argparse.ArgumentParser(prog="python -m llmshrink.kernels.aot",
                                      description="Compile llmshrink's Triton kernels for NVIDIA GPUs, no GPU needed, "
@@ -134,7 +148,8 @@ def main(argv=None) -> int:
                         help="compute capability x10 (80 = A100, 89 = L4/RTX 4090, 90 = H100/H200); repeatable; "
                              "default 90")
     parser.add_argument("--json", action="store_true", help="one JSON list on stdout instead of a table")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: all cores)")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                        help="compiler processes (default: the cores this process may use)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: give 1 or more compiler processes")
@@ -147,6 +162,12 @@ def main(argv=None) -> int:
     rows = []
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         results = pool.map(_compile_case, [c[1] for c in cases], [c[0] for c in cases], [c[4] for c in cases])
+        try:
+            results = list(results)
+        except BrokenProcessPool:
+            print("a compiler process died (out of memory, or a crash in Triton); rerun with --jobs 1 to see it",
+                  file=sys.stderr)
+            return 1
         for (arch, kernel, label, first, _), result in zip(cases, results):
             rows.append(row := {"arch": arch, "kernel": kernel, "case": label, "first": first, **result})
             if not args.json:

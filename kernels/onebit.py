@@ -40,9 +40,14 @@ except ImportError:  # pragma: no cover - exercised on platforms without triton
     triton = None
 
 if triton is not None:
-    _SPACE = ((16, 64, 2, 4), (16, 128, 2, 4), (32, 64, 4, 4), (64, 128, 2, 8))
+    from .triton_gptq import FP32_PRECISION
 
-    @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": nb, "BLOCK_K": 32 * kw}, num_warps=w)
+    _SPACE = ((16, 64, 2, 4), (16, 128, 2, 4), (32, 64, 4, 4), (64, 128, 2, 8))  # BLOCK_M, BLOCK_N, words, warps
+    _STAGES = 2  # pipelining depth, as in the GPTQ kernel (Triton's default 3 needs ~1.6x the shared memory)
+    _FP32_PRECISION = tl.constexpr(FP32_PRECISION)
+
+    @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": nb, "BLOCK_K": 32 * kw}, num_warps=w,
+                                            num_stages=_STAGES)
                               for m, nb, kw, w in (_SPACE[:1] if _INTERPRET else _SPACE)],  # nothing to tune there
                      key=["M_BUCKET", "N", "K", "NATIVE"])  # tuned per power-of-two row count, not per M
     @triton.jit
@@ -51,8 +56,8 @@ if triton is not None:
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # y[m, n] = scale[n] * sum_k x[m, k] * (2 * bit(w[n, k // 32], k % 32) - 1)
         # NATIVE: fp16/bf16 x on a GPU, dotted in its own dtype (+-1 is exact there; tensor cores);
-        # otherwise both sides in fp32, as the interpreter needs: 3xTF32 on a GPU (tensor cores, about
-        # fp32's accuracy: +-1 is exact and x is split in two TF32 parts), exact fp32 in the interpreter.
+        # otherwise both sides in fp32, as the interpreter needs: 3xTF32 on an NVIDIA GPU (tensor
+        # cores, about fp32's accuracy), IEEE on ROCm; the interpreter multiplies in exact fp32.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rm * stride may pass 2**31
@@ -68,7 +73,7 @@ if triton is not None:
             if NATIVE:
                 acc += tl.dot(x, (bit * 2 - 1).to(x.dtype))
             else:
-                acc += tl.dot(x.to(tl.float32), (bit * 2 - 1).to(tl.float32), input_precision="tf32x3")
+                acc += tl.dot(x.to(tl.float32), (bit * 2 - 1).to(tl.float32), input_precision=_FP32_PRECISION)
         if PER_ROW:
             s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
             acc = acc * s[None, :]
@@ -108,7 +113,8 @@ def compile_report(block: tuple[int, int, int, int], *, dtype: torch.dtype = tor
                  "K": "i32", "KW": "i32", "stride_xm": "i32", "stride_ym": "i32", "M_BUCKET": "i32",
                  **dict.fromkeys(constexprs, "constexpr")}
     return compile_for_gpu(_sign_matmul_kernel.fn, signature, constexprs, arch=arch, num_warps=warps,
-                           aligned=("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym"))
+                           num_stages=_STAGES, aligned=("x_ptr", "w_ptr", "s_ptr", "y_ptr", "N", "K", "stride_xm",
+                                                        "stride_ym"))
 
 
 def sign_matmul(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:

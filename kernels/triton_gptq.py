@@ -17,13 +17,15 @@ once when the kernel is built (rows sorted by group, as Marlin and ExLlama do); 
 x's columns in the same order.
 
 Activations are fp16, bf16 or fp32, accumulation fp32. Tiles are multiplied in the activations'
-dtype on tensor cores: fp16, bf16, and fp32 as 3xTF32 (x split in two TF32 parts; about fp32's
-accuracy, where an IEEE fp32 dot runs on the FMA units and spills registers). Triton's CPU
-interpreter multiplies in exact fp32 whatever the precision asked, and its bf16 `tl.dot` is
-wrong, so there bf16 tiles are cast to fp32 first. On the uniform-group path the products are
-the same on the GPU and in the interpreter (integer tiles, bf16 x); a dequantized tile is
-rounded to bf16 on the GPU only.
-`python -m llmshrink.kernels.aot` compiles every block shape for sm_80/sm_90 without a GPU.
+dtype: fp16 and bf16 dots, and for fp32 on the integer-tile path 3xTF32 (both operands split in
+TF32 parts; about fp32's accuracy on tensor cores, where an IEEE fp32 dot runs on the FMA units
+and spills registers; IEEE on ROCm), on the dequantized-tile path IEEE (3xTF32 needs more shared
+memory than sm_86/89 GPUs have there for 3-bit codes). Triton's CPU interpreter multiplies in
+exact fp32 whatever the precision asked, and its bf16 `tl.dot` is wrong, so there bf16 tiles are
+cast to fp32 first. On the uniform-group path the products are then the same on the GPU and in
+the interpreter (integer tiles, bf16 x); a dequantized tile is rounded to bf16 on the GPU only.
+`python -m llmshrink.kernels.aot --arch 80|86|89|90` compiles every block shape for that GPU
+without one.
 
 On CPU the kernel runs only under TRITON_INTERPRET=1 (the tests do); it is never chosen there.
 """
@@ -46,9 +48,12 @@ except ImportError:  # triton is Linux-only
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _AUTOTUNE = not _INTERPRET and os.environ.get("LLMSHRINK_TRITON_AUTOTUNE", "1") != "0"  # read at import
-# The dot each activation dtype gets: fp16, bf16 (on a GPU) or 3xTF32; bf16 under the interpreter,
-# whose bf16 dot is wrong, is cast to fp32 (3; the interpreter's dots are exact fp32).
+# The dot each activation dtype gets (see _dot): fp16, bf16 (on a GPU) or fast fp32; bf16 under the
+# interpreter, whose bf16 dot is wrong, is cast to fp32 (3: IEEE; the interpreter's dots are exact fp32).
 _DOT = {torch.float16: 0, torch.bfloat16: 3 if _INTERPRET else 1, torch.float32: 2}
+# Fast fp32: 3xTF32 on NVIDIA tensor cores (sm_80 on; older GPUs run it without them); IEEE on ROCm,
+# whose Triton lacks it, and in the interpreter, which ignores it.
+FP32_PRECISION = "ieee" if _INTERPRET or torch.version.hip else "tf32x3"
 GEMV_MAX_ROWS = 8
 
 
@@ -67,6 +72,7 @@ CONFIGS = {
 }
 
 if triton is not None:
+    _FP32_PRECISION = tl.constexpr(FP32_PRECISION)  # a global a kernel may read
 
     @triton.jit
     def _unpack(words_lo, words_hi, shift, BITS: tl.constexpr):
@@ -79,15 +85,16 @@ if triton is not None:
 
     @triton.jit
     def _dot(x, w, DOT: tl.constexpr):
-        """x @ w with fp32 accumulation, in the dtype of the activations (see _DOT); the operands are
-        cast here, in the kernel, so what the interpreter tests is what the GPU compiles."""
+        """x @ w with fp32 accumulation: 0 fp16, 1 bf16, 2 fp32 as FP32_PRECISION, 3 fp32 IEEE (see
+        _DOT). The operands are cast here, in the kernel, so the interpreter and the GPU run the same
+        code for fp16 and fp32; bf16 takes code 3 in the interpreter."""
         if DOT == 0:
             return tl.dot(x.to(tl.float16), w.to(tl.float16))
         elif DOT == 1:
             return tl.dot(x.to(tl.bfloat16), w.to(tl.bfloat16))
         elif DOT == 2:
-            return tl.dot(x.to(tl.float32), w, input_precision="tf32x3")
-        else:  # bf16 in the interpreter
+            return tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=_FP32_PRECISION)
+        else:
             return tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
 
     @triton.jit
@@ -157,7 +164,9 @@ if triton is not None:
                                    mask=mask_k[:, None] & zspill[None, :], other=0)
                 z = _unpack(z_lo, z_hi, zshift[None, :], BITS) + 1
                 s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
-                acc += _dot(x, (q - z).to(tl.float32) * s, DOT)  # [BLOCK_K, BLOCK_N] dequantized
+                # [BLOCK_K, BLOCK_N] dequantized; fp32 in IEEE here: 3xTF32 splits this tile too and
+                # needs more shared memory than sm_86/89 GPUs have for 3-bit codes (kernels.aot)
+                acc += _dot(x, (q - z).to(tl.float32) * s, 3 if DOT == 2 else DOT)
 
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
         out_mask = mask_m[:, None] & mask_n[None, :]

@@ -2,9 +2,9 @@
 
 The CPU interpreter checks the kernels' arithmetic (test_kernels.py) but not what only the GPU
 compiler sees: dot shapes, layouts, casts, register and shared-memory use. Triton's wheel carries
-ptxas, so `python -m llmshrink.kernels.aot` takes every kernel to an sm_90 (H100) and an sm_80
-(A100) cubin. It runs in a child process: the tests' TRITON_INTERPRET=1 swaps the kernels for the
-interpreter's.
+ptxas, so `python -m llmshrink.kernels.aot` takes every kernel to an sm_90 (H100), sm_80 (A100)
+and sm_89 (L4, RTX 4090: the least shared memory) cubin. It runs in a child process: the tests'
+TRITON_INTERPRET=1 swaps the kernels for the interpreter's.
 """
 
 import json
@@ -22,6 +22,9 @@ pytestmark = pytest.mark.skipif(gpu_compiler_available() is not None,
                                 reason=f"no GPU compiler: {gpu_compiler_available()}")
 
 
+ARCHS = (90, 80, 89)
+
+
 def run_aot(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when it is unset
@@ -31,20 +34,21 @@ def run_aot(*args):
 
 @pytest.fixture(scope="module")
 def compiled():
-    done = run_aot("--json", "--arch", "90", "--arch", "80")
+    done = run_aot("--json", "--jobs", "2", *(f"--arch={arch}" for arch in ARCHS))
     assert done.stdout.strip(), done.stderr[-2000:]
     return done, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_every_kernel_compiles_for_h100_and_a100(compiled):
+def test_every_kernel_compiles_for_three_gpus(compiled):
     done, rows = compiled
     errors = [f"sm_{r['arch']} {r['kernel']} {r['case']}: {r['error']}" for r in rows if "error" in r]
     assert not errors, "\n".join(errors[:10])
-    # Every block shape thrice, every path (4 bits x 3 dtypes x 3 group modes) once per space, the
-    # sign kernel's 4 shapes x 3 dtypes: per architecture.
+    # Per architecture: every block shape in 3 layouts; per space every path (4 bits x 3 dtypes x 3
+    # group modes, less the 2 compiled with the shapes) and 3 more widths with WORDS_ONCE; the sign
+    # kernel's 4 shapes x 3 dtypes and its one-scale form in 3 dtypes.
     blocks = sum(len(space) for space in CONFIGS.values())
-    assert len(rows) == 2 * (3 * blocks + len(CONFIGS) * 36 + 12)
-    assert {r["arch"] for r in rows} == {80, 90}
+    assert len(rows) == len(ARCHS) * (3 * blocks + len(CONFIGS) * (34 + 3) + 15)
+    assert {r["arch"] for r in rows} == set(ARCHS)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -53,7 +57,7 @@ def test_untuned_block_shapes_fit_and_every_space_fits_somewhere(compiled):
     autotuner skips shapes whose shared memory the GPU lacks, so each space must keep one that fits."""
     _, rows = compiled
     assert all(r.get("fits") for r in rows if r["first"])
-    for arch in (80, 90):
+    for arch in ARCHS:
         for kernel in {r["kernel"] for r in rows}:
             assert any(r.get("fits") for r in rows if r["arch"] == arch and r["kernel"] == kernel)
 
@@ -61,6 +65,10 @@ def test_untuned_block_shapes_fit_and_every_space_fits_somewhere(compiled):
 def test_common_layouts_never_spill(compiled):
     """Registers spilled to local memory cost every load of a tile; no block shape in the autotune
     spaces may spill for 4-bit g128 (the GPTQ default) in fp16 or bf16, or in the 16-bit sign kernel."""
+    import triton
+
+    if triton.__version__ != "3.9.0":  # constraints.txt pins it; other versions allocate registers differently
+        pytest.skip(f"register use measured with triton 3.9.0, this is {triton.__version__}")
     _, rows = compiled
     spilling = [f"sm_{r['arch']} {r['kernel']} {r['case']}: {r['spill_bytes']} B" for r in rows
                 if r.get("spill_bytes") and (re.search(r"4-bit (fp16|bf16) group 128", r["case"])
