@@ -55,6 +55,7 @@ _DOT = {torch.float16: 0, torch.bfloat16: 3 if _INTERPRET else 1, torch.float32:
 # whose Triton lacks it, and in the interpreter, which ignores it.
 FP32_PRECISION = "ieee" if _INTERPRET or torch.version.hip else "tf32x3"
 GEMV_MAX_ROWS = 8
+STAGES = 2  # software-pipelining depth of every launch; compile_report must build the same
 
 
 def _config(bm, bn, bk, sk, w, once):
@@ -181,7 +182,8 @@ if triton is not None:
         space = CONFIGS["gemv" if gemv else "gemm"]
         if not _AUTOTUNE:
             space = space[:1]  # the CPU interpreter, or LLMSHRINK_TRITON_AUTOTUNE=0 (quick GPU tests)
-        return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"], num_stages=2)
+        return [triton.Config({k: v for k, v in c.items() if k != "num_warps"}, num_warps=c["num_warps"],
+                              num_stages=STAGES)
                 for c in space]
 
     _KEY = ["M_BUCKET", "N", "K", "BITS", "DOT", "GROUP_SIZE"]
@@ -217,7 +219,7 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
             qzeros.shape[1], bucket)
     kwargs = dict(BITS=bits, DOT=_DOT[x.dtype], HAS_BIAS=bias is not None, GROUP_SIZE=group_size)
     if config is not None:
-        _entry[grid](*args, **kwargs, **config, num_stages=2)
+        _entry[grid](*args, **kwargs, **config, num_stages=STAGES)
     else:
         (_gemv if gemv else _gemm)[grid](*args, **kwargs)
     if split:
@@ -241,8 +243,8 @@ def compile_report(config: dict, *, dtype: torch.dtype = torch.float16, bits: in
                       **{k: v for k, v in config.items() if k != "num_warps"})
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     aligned = ("x_ptr", "qw_ptr", "qz_ptr", "s_ptr", "g_ptr", "b_ptr", "y_ptr", "N", "K", "stride_xm", "stride_ym")
-    return compile_for_gpu(_entry, signature, constexprs, arch=arch, num_warps=config["num_warps"], num_stages=2,
-                           aligned=aligned)
+    return compile_for_gpu(_entry, signature, constexprs, arch=arch, num_warps=config["num_warps"],
+                           num_stages=STAGES, aligned=aligned)
 
 
 class TritonKernel(Kernel):
