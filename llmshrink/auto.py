@@ -33,8 +33,12 @@ def _local_folder(resolved: str, revision: str | None = None, token: str | bool 
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
+    from .models import check_model_folder
+
     try:
-        return snapshot_download(resolved, revision=revision, token=token, ignore_patterns=_NOT_LOADED)
+        folder = snapshot_download(resolved, revision=revision, token=token, ignore_patterns=_NOT_LOADED)
+        check_model_folder(folder)
+        return folder
     except RepositoryNotFoundError:
         raise UsageError(f"model '{resolved}' is not on the Hub (or is private: log in with `hf auth login`)") from None
     except RevisionNotFoundError:

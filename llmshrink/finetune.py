@@ -34,7 +34,7 @@ from .config import MethodConfig, register_method
 from .errors import UsageError
 from .evals.data import corpus_documents
 from .evals.perplexity import perplexity_of_ids
-from .io import atomic_dir, cache_dir
+from .io import atomic_dir, cache_dir, prepare_out
 from .models import DEFAULT_MODEL, PACKAGED_MODELS, resolve_model
 
 __all__ = ["DOMAIN_EVAL_PASSAGES", "RECORD", "FinetuneConfig", "domain_texts", "domain_eval_text", "domain_perplexity",
@@ -218,7 +218,7 @@ def finetune(model_name_or_path: str | Path | None, config: FinetuneConfig, out:
     from accelerate import Accelerator
 
     config.validate()
-    out = Path(out)
+    out = prepare_out(out, overwrite=True)  # replaced whole; checked here so a bad path fails before training
     accelerator = Accelerator()  # plain or `accelerate launch`; autocast is ours, from the config
     if accelerator.mixed_precision not in ("no", config.mixed_precision):
         raise UsageError(f"accelerate is set to mixed_precision={accelerator.mixed_precision} but the fine-tune "

@@ -47,7 +47,7 @@ from .calibration import calibration_windows
 from .config import MethodConfig, register_method
 from .errors import UsageError
 from .finetune import SCHEDULES, lr_factor
-from .io import atomic_dir
+from .io import atomic_dir, prepare_out
 from .models import resolve_model
 
 __all__ = ["HealConfig", "RECORD", "add_cli", "checkpoint_dir", "config_from_args", "heal", "heal_loss", "kd_loss",
@@ -397,9 +397,7 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
     from safetensors.torch import load_file
 
     config.validate()
-    out, ckpt = Path(out), checkpoint_dir(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    out, ckpt = prepare_out(out, overwrite), checkpoint_dir(out)
     if config.loss != "ce" and teacher is None:
         raise UsageError(f"loss='{config.loss}' distills from a teacher; pass --teacher (the unpruned model) "
                          "or use --loss ce")
@@ -561,9 +559,7 @@ def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, out: str
     """
     from transformers import AutoModelForCausalLM
 
-    out, adapter = Path(out), Path(adapter)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    out, adapter = prepare_out(out, overwrite), Path(adapter)
     resolved = resolve_model(model)
     if _quantization(resolved) is not None:
         raise UsageError(_NO_MERGE.format(model=resolved))

@@ -9,7 +9,6 @@ unquantized baseline of every llmshrink comparison.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -23,9 +22,10 @@ import torch
 from filelock import FileLock
 
 from .errors import UsageError
-from .io import atomic_dir, cache_dir
+from .io import atomic_dir, cache_dir, sha256_file
+from .safetensors_io import check_safetensors_file
 
-__all__ = ["DEFAULT_MODEL", "PACKAGED_MODELS", "resolve_model", "load_model", "load_tokenizer", "convert_gguf"]
+__all__ = ["DEFAULT_MODEL", "PACKAGED_MODELS", "check_model_folder", "resolve_model", "load_model", "load_tokenizer", "convert_gguf"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +71,6 @@ def _packaged_gguf(entry: PackagedModel) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert_gguf(gguf_path: Path, out: Path) -> Path:
     """Convert a GGUF file into a transformers folder (fp32 safetensors + tokenizer) at `out`.
 
@@ -106,7 +98,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
         (tmp / "llmshrink_source.json").write_text(json.dumps({
             "converted_from": "gguf",
             "gguf_file": name,
-            "gguf_sha256": _sha256(gguf_path),
+            "gguf_sha256": sha256_file(gguf_path),
             "note": "weights dequantized to fp32 from the GGUF's quantized tensors (Q4_1)",
         }, indent=2) + "\n")
     return out
@@ -124,6 +116,40 @@ def _ensure_packaged(alias: str) -> Path:
         if not (out / "config.json").is_file():  # another process may have finished it meanwhile
             convert_gguf(gguf, out)
     return out
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never read: unpickling runs code
+
+
+def check_model_folder(path: str | os.PathLike) -> None:
+    """What every entry point checks of a local model folder before it reads any weight: no
+    pickle-only weights, a config.json that is valid JSON of a model_type transformers knows, and
+    safetensors files whose headers match their sizes. Each failure is a one-line UsageError."""
+    path = Path(path)
+    files = [f for f in path.iterdir() if f.is_file()]
+    has_safetensors = any(f.suffix == ".safetensors" for f in files)
+    pickles = sorted(f.name for f in files if f.suffix in PICKLE_SUFFIXES)
+    if pickles and not has_safetensors and not (path / "llmshrink_pack.json").is_file():
+        raise UsageError(f"{path} holds only pickle weights ({pickles[0]}); llmshrink never unpickles files (they can "
+                         "run code): convert them to safetensors where you trust them "
+                         "(save_pretrained(safe_serialization=True)) and pass that folder")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{config} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                             "fix the file or re-save the model") from None
+        except (UnicodeDecodeError, AttributeError):
+            raise UsageError(f"{config} is not a JSON object in UTF-8; fix the file or re-save the model") from None
+        from transformers import CONFIG_MAPPING, __version__ as transformers_version
+
+        if model_type is not None and model_type not in CONFIG_MAPPING:
+            raise UsageError(f"{config} has model_type '{model_type}', which transformers {transformers_version} "
+                             "does not know; upgrade transformers (pip install -U transformers) or fix model_type")
+    for f in sorted(files):
+        if f.suffix == ".safetensors":
+            check_safetensors_file(f)
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -144,7 +170,12 @@ def resolve_model(name: str | os.PathLike | None = None) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if (path / "adapter_config.json").is_file():  # a peft adapter (llmshrink heal): loads onto its base
+            check_model_folder(path)
             return str(path)
+        if not path.is_dir():
+            raise UsageError(f"{path} is a file; give the model's folder (saved with save_pretrained), a Hub id, "
+                             f"or one of: {', '.join(PACKAGED_MODELS)}")
+        check_model_folder(path)
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} has no config.json; give a folder saved with save_pretrained, "
                              f"a Hub id, or one of: {', '.join(PACKAGED_MODELS)}")

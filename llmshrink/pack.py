@@ -13,7 +13,10 @@ A packed folder:
     manifest = {"format": "llmshrink-pack", "version": 1, "level": zstd level used,
                 "files": {"model.safetensors": {"packed": "model.safetensors.llmpack",
                                                 "size": bytes, "sha256": hex, "packed_size": bytes}},
-                "copied": {"config.json": bytes, ...}}
+                "copied": {"config.json": {"size": bytes, "sha256": hex}, ...}}
+
+(Packs written before the copied files had a sha256 list only their sizes, `"config.json": bytes`;
+those are checked by size.)
 
 The original sha256 is the one the Hugging Face Hub shows for a safetensors (LFS) file: the file's
 identity, checked against each container's table before decoding. A manifest of a newer format
@@ -38,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .config import MethodConfig, register_method
 from .errors import UsageError
-from .io import atomic_dir, cache_dir
+from .io import atomic_dir, cache_dir, prepare_out, sha256_file
 from .pack_codec import DEFAULT_LEVEL, FORMAT, VERIFY, VERSION, decode_to_file, encode_file, read_table
 
 __all__ = ["MANIFEST", "PackConfig", "PackSummary", "pack_folder", "unpack_folder", "is_packed_folder", "materialize", "add_cli"]
@@ -80,11 +83,17 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
     s, o = src.resolve(), out.resolve()
     if s == o or s in o.parents or o in s.parents:
         raise UsageError(f"output {out} overlaps the input {src}; choose an --out outside it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} is a file; give a folder path for --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty; choose another output folder or pass overwrite=True "
-                         "(--overwrite)")
+    prepare_out(out, overwrite)
+
+
+def _verify_copied(src: Path, restored: Path, copied: dict) -> None:
+    """Check every copied file given back against the manifest's sha256 (older packs: its size)."""
+    for name, entry in copied.items():
+        size, sha = (entry["size"], entry["sha256"]) if isinstance(entry, dict) else (entry, None)
+        path = restored / name
+        if path.stat().st_size != size or (sha is not None and sha256_file(path) != sha):
+            raise UsageError(f"{src / name} does not match the sha256 recorded in {MANIFEST} when it was packed; "
+                             "the folder is corrupt: copy it again or re-create it with 'llmshrink pack'")
 
 
 def _safe_name(folder: Path, name: str) -> str:
@@ -172,11 +181,11 @@ def pack_folder(src: str | os.PathLike, out: str | os.PathLike, level: int = DEF
             entry = encode_file(src / name, tmp / (name + SUFFIX), level=level, threads=threads, progress=bar.update)
             manifest["files"][name] = {"packed": name + SUFFIX, **entry}
         _copy(src, tmp, copied)
-        manifest["copied"] = {n: (src / n).stat().st_size for n in copied}
+        manifest["copied"] = {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)} for n in copied}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # tmp is renamed whole
         folder_out = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     packed = sum(e["packed_size"] for e in manifest["files"].values())
-    summary = PackSummary(out, len(coded), total, packed, total + sum(manifest["copied"].values()), folder_out,
+    summary = PackSummary(out, len(coded), total, packed, total + sum(e["size"] for e in manifest["copied"].values()), folder_out,
                           time.perf_counter() - started)
     log.info("packed %s: %d safetensors bytes -> %d (%.3fx)", src, total, packed, summary.ratio)
     return summary
@@ -253,18 +262,11 @@ def unpack_folder(src: str | os.PathLike, out: str | os.PathLike, threads: int |
             decode_to_file(src / packed_name, tmp / name, threads=threads, progress=bar.update, verify=verify)
             packed += (src / packed_name).stat().st_size
         _copy(src, tmp, present)
+        _verify_copied(src, tmp, manifest["copied"])
         folder_out = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     folder_in = sum((src / n).stat().st_size for n in _files(src))
     log.info("unpacked %s: %d -> %d safetensors bytes", src, packed, total)
     return PackSummary(out, len(files), total, packed, folder_in, folder_out, time.perf_counter() - started)
-
-
-def _file_sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def _cache_key(folder: Path) -> str:
@@ -276,7 +278,7 @@ def _cache_key(folder: Path) -> str:
     for name in _files(folder):
         if name != MANIFEST and name not in packed:
             sha.update(name.encode() + b"\0")
-            sha.update(_file_sha256(folder / name).encode())
+            sha.update(sha256_file(folder / name).encode())
     return sha.hexdigest()
 
 

@@ -15,7 +15,30 @@ from safetensors.torch import save_file
 
 from .errors import UsageError
 
-__all__ = ["StoredTensor", "TensorIndex", "save_shards", "save_tensors"]
+__all__ = ["StoredTensor", "TensorIndex", "check_safetensors_file", "save_shards", "save_tensors"]
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """Read only the header of a safetensors file and check that the file holds every byte it
+    describes; a truncated or corrupt file is a one-line UsageError before any tensor is read."""
+    path = Path(path)
+    size = path.stat().st_size
+    why = None
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0] if size >= 8 else None
+            if n is None or n > size - 8:
+                why = f"its header claims {n} bytes of a {size}-byte file" if n is not None else "it is shorter than a header"
+            else:
+                header = json.loads(f.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if 8 + n + end > size:
+                    why = f"it has {size} bytes, its header describes {8 + n + end}"
+    except (ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+        why = f"its header is not valid ({type(e).__name__})"
+    if why:
+        raise UsageError(f"{path} is not a readable safetensors file ({why}); it may be truncated or corrupt: "
+                         "re-download or re-save it")
 
 
 class TensorIndex:

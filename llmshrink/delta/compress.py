@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..config import register_method
 from ..errors import UsageError
-from ..io import atomic_dir
+from ..io import atomic_dir, prepare_out
 from ..safetensors_io import TensorIndex, save_tensors
 from . import algorithm
 from .config import DeltaConfig
@@ -182,11 +182,7 @@ def compress_delta(base, finetuned, config: DeltaConfig, out: str | os.PathLike,
     """
     if not isinstance(config, DeltaConfig):
         raise UsageError(f"compress_delta takes a DeltaConfig, not {type(config).__name__}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is a file; give a folder path for the delta")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty; choose another output folder or pass overwrite=True (--overwrite)")
+    out = prepare_out(out, overwrite)
     with tempfile.TemporaryDirectory(prefix="llmshrink-delta-") as tmp:
         base_folder, base_name = _source_folder(base, tmp, "base", revision)
         ft_folder, ft_name = _source_folder(finetuned, tmp, "finetuned")

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
 from ..errors import UsageError
-from ..io import atomic_dir
+from ..io import atomic_dir, prepare_out
 from ..safetensors_io import StoredTensor, TensorIndex, save_shards, save_tensors
 from .algorithm import DEFAULT_SHRINK_GRID, accumulate_hessian, gptq_quantize, rtn_quantize
 from .config import GPTQConfig
@@ -426,8 +426,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     """
     source, out = Path(source), Path(out)
     calib_info = calib_info or {}
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    prepare_out(out, overwrite)
     index = TensorIndex(source)
     model = _empty_model(source)
     if config.lm_head and _head_of(model) is None:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..config import MethodConfig
 from ..errors import UsageError
 from ..hub import EVAL_FILE, RECIPE_FILE
-from ..io import atomic_dir, atomic_write_json
+from ..io import atomic_dir, atomic_write_json, prepare_out
 from .recipe import Recipe, needs_calibration, output_kind
 
 __all__ = ["RECIPE_FILE", "STATE_FILE", "run_recipe", "step_folder", "versions"]
@@ -170,6 +170,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
     from .report import evaluate_run, final_label, write_report
 
     out = Path(recipe.out).expanduser().resolve()  # steps record absolute paths (an adapter names its base)
+    prepare_out(out, overwrite=True, flag="out")  # writable; what may be in it is checked below
     if resume:
         state = _load_state(out, recipe)
         done = _finished_steps(state, recipe, out)

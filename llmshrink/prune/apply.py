@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..arch import arch_for, decoder_layers
 from ..config import register_method
 from ..errors import UsageError
-from ..io import atomic_dir
+from ..io import atomic_dir, prepare_out
 from . import algorithm
 from .config import LayerPruneConfig, WeightPruneConfig
 
@@ -204,9 +204,7 @@ def prune(model, config: LayerPruneConfig | WeightPruneConfig, calibration: str 
 
 def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """save_pretrained (safetensors) + tokenizer, into a temp folder renamed into place."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UsageError(f"{out} exists and is not empty; choose another output folder or pass --overwrite")
+    out = prepare_out(out, overwrite)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -37,7 +37,7 @@ def test_quantize_then_evaluate_side_by_side(tmp_path, real_model):
     (["--bits", "5"], "bits=5 is not supported"),
     (["--group-size", "0"], "group_size=0 is invalid"),
     (["--group-size", "-3"], "group_size=-3 is invalid"),
-    (["--out", "FULL"], "already exists and is not empty"),
+    (["--out", "FULL"], "exists and is not empty"),
     (["--calib-file", "EMPTY"], "is empty"),
 ])
 def test_bad_quantize_input_is_one_line_exit_2(tmp_path, args, message, real_model):

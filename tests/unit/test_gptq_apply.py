@@ -154,7 +154,7 @@ def test_bad_inputs_are_refused_before_work(tmp_path):
     model = _save_tiny(tmp_path / "src")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
-    with pytest.raises(UsageError, match="already exists and is not empty"):
+    with pytest.raises(UsageError, match="exists and is not empty"):
         quantize_checkpoint(tmp_path / "src", GPTQConfig(), _calib(), tmp_path / "full")
     out = quantize_checkpoint(tmp_path / "src", GPTQConfig(group_size=16), _calib(), tmp_path / "q", progress=False)
     with pytest.raises(UsageError, match="already quantized"):

@@ -330,11 +330,22 @@ def test_materialize_decodes_once_into_the_cache(packed, tmp_path, monkeypatch):
     assert out.parent == tmp_path / "cache" / "unpacked" and tree(out) == tree(tmp_path / "src")
     monkeypatch.setattr("llmshrink.pack.unpack_folder", lambda *a, **k: pytest.fail("decoded twice"))
     assert materialize(packed) == out
-    (packed / "config.json").write_text('{"model_type": "mistral"}\n')  # an edit gives a new entry
+    (packed / "config.json").write_text('{"model_type": "mistral"}\n')  # a changed copy is not served stale
     monkeypatch.undo()
     monkeypatch.setenv("LLMSHRINK_CACHE", str(tmp_path / "cache"))
-    edited = materialize(packed)
-    assert edited != out and (edited / "config.json").read_text() == '{"model_type": "mistral"}\n'
+    with pytest.raises(UsageError, match="config.json does not match the sha256"):  # nor given back unchecked
+        materialize(packed)
+    assert sorted(p.name for p in out.parent.iterdir() if p.is_dir()) == [out.name]
+
+
+def test_unpack_checks_every_copied_file(packed, tmp_path):
+    tokenizer = packed / "config.json"
+    data = bytearray(tokenizer.read_bytes())
+    data[3] ^= 1  # one flipped bit, same size
+    tokenizer.write_bytes(bytes(data))
+    with pytest.raises(UsageError, match="config.json does not match the sha256 recorded"):
+        unpack_folder(packed, tmp_path / "back")
+    assert not (tmp_path / "back").exists() and not list(tmp_path.glob(".back.tmp-*"))
 
 
 def test_cli_pack_and_unpack(tmp_path, capsys):
