@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"llmshrink: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"llmshrink: interrupted; {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("llmshrink: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from .calibration import calibration_windows
 from .config import MethodConfig, register_method
 from .errors import UsageError
 from .finetune import SCHEDULES, lr_factor
-from .io import atomic_dir, prepare_out
+from .io import atomic_dir, fingerprint, fingerprint_change, prepare_out
 from .models import resolve_model
 
 __all__ = ["HealConfig", "RECORD", "add_cli", "checkpoint_dir", "config_from_args", "heal", "heal_loss", "kd_loss",
@@ -413,15 +414,15 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
     state = _read_checkpoint(ckpt, config, world) if resume else None
 
     resolved = resolve_model(model)
+    teacher_resolved = resolve_model(teacher) if config.loss != "ce" else None  # both found before any load
     if config.merge and _quantization(resolved) is not None:
         raise UsageError(_NO_MERGE.format(model=resolved))
     tokenizer = _load_tokenizer(resolved)
     student = _load_student(resolved, config.adapter)
-    teacher_model, teacher_resolved = None, None
+    teacher_model = None
     if config.loss != "ce":
         from transformers import AutoModelForCausalLM
 
-        teacher_resolved = resolve_model(teacher)
         teacher_model = AutoModelForCausalLM.from_pretrained(teacher_resolved, dtype=torch.float32).eval()
         teacher_model.requires_grad_(False)
         _check_teacher(student, tokenizer, teacher_model, _load_tokenizer(teacher_resolved), resolved, teacher_resolved)
@@ -446,6 +447,13 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
 
     windows = calibration_windows(tokenizer, config.calibration, nsamples=config.nsamples, seqlen=config.seqlen,
                                   seed=config.seed)  # [nsamples, seqlen]
+    inputs = {"model": fingerprint(resolved), "teacher": fingerprint(teacher_resolved),
+              "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+    if state is not None and state.get("inputs") != inputs:
+        saved = state.get("inputs") or {"model": {"?": {}}}  # older checkpoints recorded no input
+        why = next((f"the {role}'s {change}" for role in ("model", "teacher")
+                    if (change := fingerprint_change(saved.get(role, {}), inputs[role]))), "the training windows differ")
+        raise UsageError(f"cannot resume from {ckpt}: {why}; start over without --resume, or give the same input")
     eval_ids = _held_out_ids(tokenizer, config) if config.eval_every and accelerator.is_main_process else None
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -465,7 +473,8 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
     elif ckpt.exists() and accelerator.is_main_process:
         logger.warning("starting over: removing the old checkpoint %s (pass --resume to continue from it)", ckpt)
         shutil.rmtree(ckpt)
-    meta = {"config": config.to_dict(), "model": resolved, "teacher": teacher_resolved, "num_processes": world}
+    meta = {"config": config.to_dict(), "model": resolved, "teacher": teacher_resolved, "num_processes": world,
+            "inputs": inputs}
 
     def evaluate(step: int) -> None:
         if eval_ids is not None:
@@ -586,9 +595,9 @@ def config_from_args(args: argparse.Namespace) -> HealConfig:
 
 
 def _cmd_heal(args: argparse.Namespace) -> int:
-    if args.adapter:
-        out = merge_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite)
-        print(f"adapter {args.adapter} merged into {args.model}; checkpoint written to {out}")
+    if args.merge_adapter:
+        out = merge_adapter(args.model, args.merge_adapter, args.out, overwrite=args.overwrite)
+        print(f"adapter {args.merge_adapter} merged into {args.model}; checkpoint written to {out}")
         return 0
     config = config_from_args(args)
     out = heal(args.model, config, args.out, teacher=args.teacher, resume=args.resume, overwrite=args.overwrite,
@@ -635,7 +644,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", action="store_true", default=None,
                    help="write the merged full model to OUT (the adapter goes to OUT/adapter)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")
-    p.add_argument("--adapter", help="no training: merge this saved adapter into --model and write it to --out")
+    p.add_argument("--adapter", dest="merge_adapter", metavar="FOLDER",
+                   help="no training: merge this saved adapter into --model and write it to --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_heal)

@@ -198,13 +198,14 @@ def fingerprint(path: str | os.PathLike | None) -> dict:
 
 
 def fingerprint_change(saved: dict, now: dict) -> str | None:
-    """A few words on the first difference between two fingerprints, or None if they are equal."""
-    for name in sorted(set(saved) | set(now)):
-        if name not in now:
-            return f"{name} is gone"
-        if name not in saved:
-            return f"{name} is new"
-        for key in ("header_sha256", "size", "mtime_ns"):
+    """A few words on the most telling difference between two fingerprints (tensor files before
+    the others, a changed layout before a changed size or time), or None if they are equal."""
+    names = sorted(set(saved) | set(now), key=lambda n: (not n.endswith(".safetensors"), n))
+    for name in names:
+        if name not in now or name not in saved:
+            return f"{name} is {'gone' if name not in now else 'new'}"
+    for key, what in (("header_sha256", "tensor layout"), ("size", "size"), ("mtime_ns", "modification time")):
+        for name in names:
             if saved[name].get(key) != now[name].get(key):
-                return f"{name} changed ({'tensor layout' if key == 'header_sha256' else key.split('_')[0]} differs)"
+                return f"{name} has changed since the run began (its {what} differs)"
     return None

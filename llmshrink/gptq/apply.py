@@ -9,6 +9,7 @@ layer and writes the same checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -22,8 +23,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
-from ..errors import UsageError
-from ..io import atomic_dir, prepare_out
+from ..errors import Interrupted, UsageError
+from ..io import atomic_dir, fingerprint, fingerprint_change, prepare_out
 from ..safetensors_io import StoredTensor, TensorIndex, save_shards, save_tensors
 from .algorithm import DEFAULT_SHRINK_GRID, accumulate_hessian, gptq_quantize, rtn_quantize
 from .config import GPTQConfig
@@ -52,9 +53,18 @@ def _load_into(module: torch.nn.Module, prefix: str, index: TensorIndex, key_of:
         if key is None:
             continue  # tied or non-persistent; handled by the caller
         tensor = index.get(key)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UsageError(f"{key} holds NaN or Inf values; the model cannot be quantized until they are fixed")
         set_module_tensor_to_device(module, name, "cpu", value=tensor.float() if tensor.is_floating_point() else tensor)
+
+
+def _check_finite(index: TensorIndex) -> None:
+    """Every floating tensor of the source is finite, checked before any work (one tensor at a time)."""
+    for key in index.keys():
+        if index.dtype_name(key) in ("F64", "F32", "F16", "BF16"):
+            tensor = index.get(key)
+            if not torch.isfinite(tensor).all():
+                raise UsageError(f"{key} holds NaN or Inf values (in {index.folder}); the model cannot be "
+                                 "quantized until they are fixed")
+    index.release()
 
 
 def _checkpoint_key(name: str, key_of: dict[str, str]) -> str:
@@ -389,6 +399,21 @@ def _quantize_head(model, layers, final: list[tuple[torch.Tensor, dict]], config
     return tensors, stats
 
 
+def _run_change(saved: dict, now: dict) -> str:
+    """What differs between the run recorded in a .partial folder and this one, in a few words."""
+    if "source_files" not in saved:
+        return "it was begun by an older llmshrink, which did not record its input"
+    if saved.get("source") == now["source"]:
+        change = fingerprint_change(saved["source_files"], now["source_files"])
+        if change:
+            return f"the source model's {change}"
+    if saved.get("source") != now["source"]:
+        return f"it quantized {saved.get('source')}"
+    if saved.get("config") != now["config"]:
+        return "other quantization settings"
+    return "other calibration windows"
+
+
 def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> dict:
     qc = {
         "quant_method": "gptq",
@@ -428,6 +453,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     calib_info = calib_info or {}
     prepare_out(out, overwrite)
     index = TensorIndex(source)
+    _check_finite(index)
     model = _empty_model(source)
     if config.lm_head and _head_of(model) is None:
         raise UsageError(f"{source} has no linear output head to quantize; leave lm_head off")
@@ -450,12 +476,14 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     dtype = calib_dtype(config)
     calib_info = {**calib_info, "dtype": str(dtype).removeprefix("torch.")}
     run_id = {"source": str(source.resolve()), "config": config.to_dict(), "calibration": calib_info,
-              "calib_shape": list(calib.shape)}
+              "calib_shape": list(calib.shape), "source_files": fingerprint(source),
+              "calib_sha256": hashlib.sha256(calib.long().numpy().tobytes()).hexdigest()}
     done, tuple_output = 0, False
     if state_file.is_file():
         state = json.loads(state_file.read_text())
         if state["run"] != run_id:
-            raise UsageError(f"{partial} holds an unfinished run with other settings; delete it or use another --out")
+            raise UsageError(f"{partial} holds an unfinished run of other input ({_run_change(state['run'], run_id)}); "
+                             "delete it to start over, or use another --out")
         done = state["done_layers"]
         tuple_output = state.get("tuple_output", False)
         logger.info("resuming after layer %d of %d", done, len(layers))
@@ -472,22 +500,29 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
 
     all_stats: dict = {}
     bar = tqdm(range(len(layers)), desc="quantize", unit="layer", disable=not progress, initial=done)
-    for i in range(done, len(layers)):
-        layer = layers[i]
-        prefix = f"{layer_prefix}{i}."
-        _load_into(layer, prefix, index, key_of)
-        index.release()
-        tensors, stats, outputs, tuple_output = _quantize_layer(layer, prefix, spec, inputs, config, dtype)
-        save_tensors({prefix + k: v for k, v in tensors.items()}, partial / f"layer-{i:05d}.safetensors")
-        if needs_h:
-            inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
-            save_tensors({"hidden": torch.cat(outputs)}, partial / "inputs.safetensors")
-        (partial / f"layer-{i:05d}.json").write_text(json.dumps(stats))
-        tmp = state_file.with_name(".state.json.tmp")
-        tmp.write_text(json.dumps({"run": run_id, "done_layers": i + 1, "tuple_output": tuple_output}))
-        os.replace(tmp, state_file)
-        layer.to("meta")  # free the layer's weights
-        bar.update(1)
+    try:
+        for i in range(done, len(layers)):
+            layer = layers[i]
+            prefix = f"{layer_prefix}{i}."
+            _load_into(layer, prefix, index, key_of)
+            index.release()
+            tensors, stats, outputs, tuple_output = _quantize_layer(layer, prefix, spec, inputs, config, dtype)
+            save_tensors({prefix + k: v for k, v in tensors.items()}, partial / f"layer-{i:05d}.safetensors")
+            if needs_h:
+                inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
+                save_tensors({"hidden": torch.cat(outputs)}, partial / "inputs.safetensors")
+            (partial / f"layer-{i:05d}.json").write_text(json.dumps(stats))
+            tmp = state_file.with_name(".state.json.tmp")
+            tmp.write_text(json.dumps({"run": run_id, "done_layers": i + 1, "tuple_output": tuple_output}))
+            os.replace(tmp, state_file)
+            layer.to("meta")  # free the layer's weights
+            bar.update(1)
+    except UsageError:
+        shutil.rmtree(partial, ignore_errors=True)  # the input is at fault: never resume from this run
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(f"the finished layers are kept in {partial}: run the same command again to resume, "
+                          "or delete that folder to discard them") from None
     bar.close()
 
     head_tensors: dict[str, torch.Tensor] = {}

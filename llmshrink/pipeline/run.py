@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..config import MethodConfig
 from ..errors import UsageError
 from ..hub import EVAL_FILE, RECIPE_FILE
-from ..io import atomic_dir, atomic_write_json, prepare_out
+from ..io import atomic_dir, atomic_write_json, fingerprint, fingerprint_change, prepare_out
 from .recipe import Recipe, needs_calibration, output_kind
 
 __all__ = ["RECIPE_FILE", "STATE_FILE", "run_recipe", "step_folder", "versions"]
@@ -112,6 +112,14 @@ def _as_saved(data):
     return json.loads(json.dumps(data))
 
 
+def _inputs(recipe: Recipe) -> dict:
+    """Fingerprints of what the run reads (the model, a calibration file), for `resume`."""
+    from ..models import resolve_model
+
+    calib = recipe.calibration.source if recipe.calibration is not None else "wiki"
+    return {"model": fingerprint(resolve_model(recipe.model)), "calibration": fingerprint(None if calib == "wiki" else calib)}
+
+
 def _load_state(out: Path, recipe: Recipe) -> dict:
     path = out / STATE_FILE
     if not path.is_file():
@@ -122,6 +130,14 @@ def _load_state(out: Path, recipe: Recipe) -> dict:
         if old.get(key) != new[key]:
             raise UsageError(f"cannot resume {out}: the recipe's {key} changed since the run began "
                              f"({old.get(key)!r} -> {new[key]!r}); use a new out folder or drop --resume")
+    inputs = _inputs(recipe)
+    if "inputs" not in state:
+        raise UsageError(f"cannot resume {out}: it was begun by an older llmshrink, which did not record its input; "
+                         "drop --resume (with --overwrite) to start over")
+    for key in ("model", "calibration"):
+        change = fingerprint_change(state.get("inputs", {}).get(key, {}), inputs[key])
+        if change:
+            raise UsageError(f"cannot resume {out}: the recipe's {key} {change}; use a new out folder or drop --resume")
     if old.get("evaluate") != new["evaluate"] and state.get("evals"):
         logger.warning("the evaluate settings changed: every model is scored again")
         state["evals"] = {}
@@ -187,7 +203,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
                                  "start over, or set another out")
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        state = {"recipe": recipe.to_dict(), "versions": versions(), "steps": [], "evals": {}}
+        state = {"recipe": recipe.to_dict(), "versions": versions(), "steps": [], "evals": {}, "inputs": _inputs(recipe)}
         done = 0
     state["recipe"] = recipe.to_dict()
     _write_state(out, state)

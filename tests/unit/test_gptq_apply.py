@@ -150,6 +150,31 @@ def test_an_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch
     assert not (tmp_path / "resumed.partial").exists()
 
 
+def test_a_resume_refuses_a_partial_run_of_other_input(tmp_path, monkeypatch):
+    """A .partial folder is resumed only from the same source tensors and calibration windows."""
+    model = _save_tiny(tmp_path / "src")
+    cfg = GPTQConfig(bits=4, group_size=16)
+    real_save = gptq_apply.save_tensors
+
+    def crash_on_layer_1(tensors, path, metadata=None):
+        if path.name == "layer-00001.safetensors":
+            raise KeyboardInterrupt
+        real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(gptq_apply, "save_tensors", crash_on_layer_1)
+    with pytest.raises(KeyboardInterrupt, match="kept in .*out.partial.*run the same command again"):
+        quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "out", progress=False)
+    monkeypatch.setattr(gptq_apply, "save_tensors", real_save)
+    with pytest.raises(UsageError, match="other calibration windows"):
+        quantize_checkpoint(tmp_path / "src", cfg, _calib() + 1, tmp_path / "out", progress=False)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(2)
+    model.save_pretrained(tmp_path / "src")  # same shapes, same sizes: the header and mtime tell
+    with pytest.raises(UsageError, match="source model's model.safetensors has changed since the run began .*; delete it to start over"):
+        quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "state.json").is_file()
+
+
 def test_bad_inputs_are_refused_before_work(tmp_path):
     model = _save_tiny(tmp_path / "src")
     (tmp_path / "full").mkdir()
@@ -164,7 +189,7 @@ def test_bad_inputs_are_refused_before_work(tmp_path):
     model.save_pretrained(tmp_path / "nan")
     with pytest.raises(UsageError, match="up_proj.weight holds NaN or Inf"):
         quantize_checkpoint(tmp_path / "nan", GPTQConfig(group_size=16), _calib(), tmp_path / "q3", progress=False)
-    assert not (tmp_path / "q3").exists()
+    assert not (tmp_path / "q3").exists() and not (tmp_path / "q3.partial").exists()  # found before any layer
     data = (out / "model.safetensors").read_bytes()
     (out / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UsageError, match="truncated or corrupt"):
