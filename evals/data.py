@@ -86,15 +86,42 @@ def load_corpus(name: str, limit: int | None = None) -> str:
     return "\n\n".join(docs if limit is None else docs[:limit])
 
 
+def _check_text(p: Path) -> None:
+    """UTF-8 text, and for .jsonl one JSON object per line: a bad byte or line is named, with the fix."""
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        bom = " (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise UsageError(f"text file {p} is not UTF-8 text{bom}: byte {e.start} on line {line} cannot be decoded; "
+                         "convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)") from None
+    if p.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{p} line {number} is not valid JSON ({e.msg}, column {e.colno}); give one JSON "
+                                 "object per line, such as {\"text\": \"...\"}") from None
+            if not isinstance(record, dict):
+                raise UsageError(f"{p} line {number} is not a JSON object; give one object per line, such as "
+                                 "{\"text\": \"...\"}")
+
+
 def load_text_file(path: str | Path, limit: int | None = None) -> str:
     """A local .txt (paragraphs split on blank lines) or .jsonl/.json (field `text`) file, via datasets."""
     from datasets import load_dataset
 
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"text file {p} is a folder; pass a .txt or .jsonl file")
     if not p.is_file():
         raise UsageError(f"text file {p} does not exist; pass a .txt or .jsonl file")
     if p.stat().st_size == 0:
         raise UsageError(f"text file {p} is empty; pass a file with some text in it")
+    _check_text(p)
     if p.suffix in (".jsonl", ".json"):
         ds = load_dataset("json", data_files=str(p), split="train")
         if "text" not in ds.column_names:

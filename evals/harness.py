@@ -68,6 +68,8 @@ def validate(spec: EvalSpec) -> EvalSpec:
         raise UsageError(f"--seqlen {spec.seqlen} is too short; use at least 2 (2048 is usual)")
     if spec.stride is not None and not 0 < spec.stride <= spec.seqlen:
         raise UsageError(f"--stride {spec.stride} must be between 1 and --seqlen {spec.seqlen}")
+    if spec.gen_tokens < 0:
+        raise UsageError(f"--gen-tokens {spec.gen_tokens} is negative; give the tokens to generate, or 0 to skip timing")
     if spec.dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{spec.dtype}'; use float32, bfloat16 or float16")
     if spec.text_file:

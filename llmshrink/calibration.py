@@ -11,8 +11,17 @@ import torch
 
 from .errors import UsageError
 from .evals.data import corpus_documents, load_text_file
+from .evals.loglikelihood import model_max_length
 
-__all__ = ["calibration_text", "calibration_windows"]
+__all__ = ["calibration_text", "calibration_windows", "check_seqlen"]
+
+
+def check_seqlen(model_config, seqlen: int, flag: str = "--calib-seqlen") -> None:
+    """Refuse, before any work, windows longer than the model's context (a transformers config)."""
+    context = model_max_length(model_config, default=0)
+    if context and seqlen > context:
+        raise UsageError(f"{flag} {seqlen} is longer than the model's context of {context} tokens; "
+                         f"use {flag} {min(512, context)} (or anything up to {context})")
 
 
 def _wiki_split() -> int:

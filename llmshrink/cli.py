@@ -30,6 +30,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 or more")
+    return value
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(t) for t in text.split(",") if t.strip())
@@ -107,7 +117,11 @@ def _cmd_delta_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .models import load_model
+    from transformers import AutoConfig
+
+    from .calibration import check_seqlen
+    from .io import check_writable_file, prepare_out
+    from .models import load_model, resolve_model
     from .prune import LayerPruneConfig, WeightPruneConfig, prune, save_pruned
     from .prune.report import print_scores, plot_scores
 
@@ -117,16 +131,21 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         config = LayerPruneConfig(layers=args.layers, criterion=args.criterion)
     else:
         config = WeightPruneConfig(sparsity=args.sparsity, score=args.score, pattern=args.pattern, scope=args.scope)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    model, tokenizer, resolved = load_model(args.model)
+    out = prepare_out(args.out, args.overwrite)
+    plot = check_writable_file(args.plot, flag="--plot") if args.plot else out.with_name(out.name + "-scores.png")
+    resolved = resolve_model(args.model)
+    model_config = AutoConfig.from_pretrained(resolved, trust_remote_code=False)  # checks before the load
+    n_layers = getattr(model_config, "num_hidden_layers", None)
+    if args.layers is not None and n_layers is not None and args.layers >= n_layers:
+        raise UsageError(f"removing {args.layers} of {n_layers} decoder layers leaves none; remove at most {n_layers - 1}")
+    check_seqlen(model_config, args.calib_seqlen)
+    model, tokenizer, resolved = load_model(resolved)
     prune(model, config, calibration=args.calib_file, tokenizer=tokenizer, nsamples=args.nsamples,
           seqlen=args.calib_seqlen, seed=args.seed)
     record = model.config.llmshrink_prune
     if args.layers is not None and "block_influence" in record:
         print_scores(record)
-        plot = plot_scores(record, args.plot or out.with_name(out.name + "-scores.png"))
+        plot = plot_scores(record, plot)
         print(f"score chart written to {plot}")
     save_pruned(model, tokenizer, out, overwrite=args.overwrite)
     what = (f"removed layers {record['removed']}" if args.layers is not None
@@ -165,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=_positive_int, help="sliding protocol stride (default seqlen/2)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--batch-tokens", type=_positive_int, default=4096, help="padded tokens per forward pass")
-    p.add_argument("--gen-tokens", type=int, default=32, help="tokens generated to time decoding (0 skips)")
+    p.add_argument("--gen-tokens", type=_count, default=32, help="tokens generated to time decoding (0 skips)")
     p.add_argument("--output", help="write results JSON here")
     p.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     p.set_defaults(func=_cmd_eval)

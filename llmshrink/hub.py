@@ -162,9 +162,12 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     Returns:
         The URL of the commit (or of the repo when nothing changed).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 
     folder = Path(folder)
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError("the Hub is offline here (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE (or set it to 0) "
+                         "on a machine that reaches the Hub, then push again")
     if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise UsageError(f"{folder} is not a model folder (no config.json or adapter_config.json); give the folder "
                          "an llmshrink command wrote, e.g. runs/quickstart/model")

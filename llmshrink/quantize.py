@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .calibration import calibration_windows
+from .calibration import calibration_windows, check_seqlen
 from .config import register_method
 from .errors import UsageError
+from .io import prepare_out
 from .gptq.apply import quantize_checkpoint
 from .gptq.config import GPTQConfig, RTNConfig
 from .models import load_tokenizer, resolve_model
@@ -39,6 +40,7 @@ def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str
     """
     if not isinstance(config, GPTQConfig):
         raise UsageError(f"quantize takes a GPTQConfig, not {type(config).__name__}")
+    prepare_out(out, overwrite)  # before the calibration text is read and tokenized
     with tempfile.TemporaryDirectory(prefix="llmshrink-src-") as tmp:
         if isinstance(model, torch.nn.Module):
             model.save_pretrained(tmp)
@@ -50,6 +52,10 @@ def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str
                 from huggingface_hub import snapshot_download
 
                 source = Path(snapshot_download(str(model), local_files_only=True))
+        from transformers import AutoConfig
+
+        check_seqlen(AutoConfig.from_pretrained(source, trust_remote_code=False),
+                     calibration.shape[1] if isinstance(calibration, torch.Tensor) else seqlen)
         if isinstance(calibration, torch.Tensor):
             calib, info = calibration.long(), {"source": "tensor", "shape": list(calibration.shape)}
         else:
