@@ -128,7 +128,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if (args.layers is None) == (args.sparsity is None):
         raise UsageError("give --layers N (remove decoder layers) or --sparsity S (zero weights), not both or neither")
     if args.layers is not None:
-        config = LayerPruneConfig(layers=args.layers, criterion=args.criterion)
+        config = LayerPruneConfig(layers=args.layers, criterion=args.criterion, candidates=args.candidates)
     else:
         config = WeightPruneConfig(sparsity=args.sparsity, score=args.score, pattern=args.pattern, scope=args.scope)
     out = prepare_out(args.out, args.overwrite)
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .evals.harness import DEFAULT_TASKS
     from .evals.tasks import PPL_TASKS, TASKS
     from .models import DEFAULT_MODEL
+    from .prune import LayerPruneConfig
 
     parser = _Parser(prog="llmshrink", description="Make Hugging Face language models smaller and cheaper.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--layers", type=_positive_int, help="decoder layers to remove")
     p.add_argument("--criterion", default="block_influence", choices=("block_influence", "angular", "last"))
+    p.add_argument("--candidates", type=_positive_int, default=LayerPruneConfig.candidates,
+                   help="measure the criterion's best N removals on calibration text and take the best measured "
+                        f"(default {LayerPruneConfig.candidates}; 1: the criterion's choice)")
     p.add_argument("--plot", help="bar chart of the layer scores (default OUT-scores.png beside --out)")
     p.add_argument("--sparsity", type=float, help="share of decoder-linear weights to zero, in [0, 1)")
     p.add_argument("--score", default="wanda", choices=("wanda", "magnitude"))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
 from ..errors import UsageError
 
-__all__ = ["cosine_sums", "block_influence", "angular_distance", "choose_layers", "prune_mask", "two_four_mask"]
+__all__ = ["cosine_sums", "block_influence", "angular_distance", "choose_layers", "removal_candidates", "prune_mask",
+           "two_four_mask"]
 
 
 def cosine_sums(states: list[torch.Tensor]) -> torch.Tensor:
@@ -39,22 +41,36 @@ def angular_distance(cos_mean: torch.Tensor, run: int) -> torch.Tensor:
     return torch.stack([torch.arccos(cos_mean[i, i + run].clamp(-1, 1)) / math.pi for i in range(n - run + 1)])
 
 
-def choose_layers(criterion: str, cos_mean: torch.Tensor, count: int) -> tuple[list[int], torch.Tensor]:
-    """The layers to remove and the scores behind the choice (lower = more removable).
+def removal_candidates(criterion: str, cos_mean: torch.Tensor, count: int, k: int = 1) -> list[tuple[list[int], float]]:
+    """The proxy's `k` best removals of `count` layers, best first, as (sorted layers, proxy score);
+    lower scores are more removable.
 
-    Returns (sorted layer indices, scores): block_influence scores per layer, angular scores per
-    start of a run of `count` layers, `last` the layer index order."""
+    block_influence: the `count`-subsets of the `count + k - 1` lowest-scoring layers, by summed
+    score (the best is the `count` lowest). angular: the runs of `count` consecutive layers with
+    the smallest angular distance, never a run that ends at the final layer (its paper keeps the
+    last layer: the head reads its output directly). last: the final layers, the only candidate.
+    """
     n = cos_mean.shape[0] - 1
     if count >= n:
         raise UsageError(f"removing {count} of {n} decoder layers leaves none; remove at most {n - 1}")
     if criterion == "block_influence":
-        scores = block_influence(cos_mean)
-        return sorted(scores.argsort()[:count].tolist()), scores
+        scores = block_influence(cos_mean).tolist()
+        pool = sorted(range(n), key=lambda i: scores[i])[:count + k - 1]
+        subsets = sorted(itertools.combinations(sorted(pool), count), key=lambda c: (sum(scores[i] for i in c), c))
+        return [(list(c), sum(scores[i] for i in c)) for c in subsets[:k]]
     if criterion == "angular":
-        scores = angular_distance(cos_mean, count)
-        start = int(scores.argmin())
-        return list(range(start, start + count)), scores
-    return list(range(n - count, n)), block_influence(cos_mean)
+        scores = angular_distance(cos_mean, count)[: n - count].tolist()  # starts whose run ends before layer n - 1
+        starts = sorted(range(len(scores)), key=lambda s: (scores[s], s))[:k]
+        return [(list(range(s, s + count)), scores[s]) for s in starts]
+    return [(list(range(n - count, n)), float("nan"))]
+
+
+def choose_layers(criterion: str, cos_mean: torch.Tensor, count: int) -> tuple[list[int], torch.Tensor]:
+    """The proxy's best removal and the scores behind it (lower = more removable): block_influence
+    scores per layer, angular scores per start of a run of `count` layers, `last` block influence."""
+    drop = removal_candidates(criterion, cos_mean, count)[0][0]
+    scores = angular_distance(cos_mean, count) if criterion == "angular" else block_influence(cos_mean)
+    return drop, scores
 
 
 def two_four_mask(scores: torch.Tensor) -> torch.Tensor:

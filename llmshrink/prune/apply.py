@@ -7,7 +7,9 @@ Wanda); the pure math in `algorithm.py` turns those into choices, and this modul
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -96,6 +98,68 @@ def remove_layers(model: nn.Module, drop: list[int]) -> nn.Module:
             setattr(config, key, type(value)(value[i] for i in keep))
     config.num_hidden_layers = len(keep)
     return model
+
+
+@contextlib.contextmanager
+def layers_removed(model: nn.Module, drop: list[int]):
+    """`remove_layers` for the duration of a block, then the model exactly as it was."""
+    spec = arch_for(model)
+    parent_name, _, child = spec.layers.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    saved_layers, saved_config = getattr(parent, child), dict(vars(model.config))
+    saved_idx = [(m, m.layer_idx) for m in saved_layers.modules() if hasattr(m, "layer_idx")]
+    remove_layers(model, drop)
+    try:
+        yield model
+    finally:
+        setattr(parent, child, saved_layers)
+        vars(model.config).clear()
+        vars(model.config).update(saved_config)
+        for module, index in saved_idx:
+            module.layer_idx = index
+
+
+@torch.no_grad()
+def calibration_nll(model: nn.Module, calib: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token NLL (nats) of `model` over the tokens of the windows `calib` [n, seqlen]."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(calib), batch_size):
+        ids = calib[i:i + batch_size].to(device)
+        logits = model(ids, use_cache=False).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                   reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+MEASURE_WINDOWS = 16  # calibration windows on which each candidate removal is measured
+WARN_PPL_RATIO = 3.0  # a chosen removal whose calibration perplexity grows past this is reported loudly
+
+
+def measured_choice(model: nn.Module, candidates: list[tuple[list[int], float]], calib: torch.Tensor,
+                    progress: bool = True) -> dict:
+    """Measure the calibration perplexity of the model without each candidate's layers and pick
+    the lowest: the proxy ranks, the measurement decides. Returns the record of the choice."""
+    sample = calib[:MEASURE_WINDOWS]
+    base = calibration_nll(model, sample)
+    rows = []
+    for layers, proxy in tqdm(candidates, desc="measure removals", unit="candidate", disable=not progress):
+        with layers_removed(model, layers):
+            rows.append({"layers": layers, "proxy": None if math.isnan(proxy) else round(proxy, 6),
+                         "calib_ppl": round(math.exp(calibration_nll(model, sample)), 4)})
+    best = min(range(len(rows)), key=lambda r: (rows[r]["calib_ppl"], r))
+    record = {"calib_ppl_original": round(math.exp(base), 4), "measured_on": list(sample.shape),
+              "candidates": rows, "chosen": best}
+    ratio = rows[best]["calib_ppl"] / record["calib_ppl_original"]
+    if best:
+        logger.info("the proxy's best removal %s measures calibration ppl %.3f; %s measures %.3f: taking it",
+                    rows[0]["layers"], rows[0]["calib_ppl"], rows[best]["layers"], rows[best]["calib_ppl"])
+    if ratio > WARN_PPL_RATIO:
+        logger.warning("removing layers %s raises calibration perplexity %.1fx (%.2f -> %.2f): the pruned model may "
+                       "be broken; remove fewer layers, or heal it", rows[best]["layers"], ratio,
+                       record["calib_ppl_original"], rows[best]["calib_ppl"])
+    return record
 
 
 @torch.no_grad()
@@ -187,11 +251,13 @@ def prune(model, config: LayerPruneConfig | WeightPruneConfig, calibration: str 
     if isinstance(config, LayerPruneConfig):
         cos = layer_scores(model, calib, progress=progress) if calib is not None else None
         if cos is None:  # `last` needs no data
-            drop, scores = list(range(n_layers - config.layers, n_layers)), None
+            drop = list(range(n_layers - config.layers, n_layers))
         else:
-            drop, scores = algorithm.choose_layers(config.criterion, cos, config.layers)
+            candidates = algorithm.removal_candidates(config.criterion, cos, config.layers, config.candidates)
             record["block_influence"] = [round(v, 6) for v in algorithm.block_influence(cos).tolist()]
             record["angular"] = [round(v, 6) for v in algorithm.angular_distance(cos, config.layers).tolist()]
+            record["measured"] = measured_choice(model, candidates, calib, progress=progress)
+            drop = candidates[record["measured"]["chosen"]][0]
         remove_layers(model, drop)
         record["removed"] = drop
         logger.info("removed decoder layers %s (%s)", drop, config.criterion)

@@ -23,7 +23,12 @@ class LayerPruneConfig(MethodConfig):
         criterion: `block_influence` (ShortGPT: the layers whose output is most like their input,
             1 - mean cosine similarity, lowest first; any positions), `angular` (Gromov et al.
             2024: the run of `layers` consecutive layers with the smallest angular distance between
-            the run's input and output), or `last` (the final layers: the naive baseline).
+            the run's input and output, never a run that ends at the final layer), or `last` (the
+            final layers: the naive baseline).
+        candidates: the criterion's best `candidates` removals are each measured (calibration
+            perplexity of the model without them, on up to 16 calibration windows) and the best
+            measured one is taken; 1 takes the criterion's choice, still measured and reported.
+            A proxy is a guess: a layer whose output looks like its input can still matter.
     """
 
     METHOD = "layer_prune"
@@ -31,12 +36,15 @@ class LayerPruneConfig(MethodConfig):
 
     layers: int = 1
     criterion: str = "block_influence"
+    candidates: int = 4
 
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
             raise UsageError(f"criterion='{self.criterion}' is not known; use one of {', '.join(CRITERIA)}")
         if self.layers < 1:
             raise UsageError(f"layers={self.layers} removes nothing; use a positive number of layers")
+        if not isinstance(self.candidates, int) or self.candidates < 1:
+            raise UsageError(f"candidates={self.candidates} measures nothing; use 1 (the criterion's choice) or more")
 
 
 @dataclasses.dataclass

@@ -20,7 +20,21 @@ def print_scores(record: dict) -> None:
     angular = record["angular"]
     for i, bi in enumerate(record["block_influence"]):
         table.add_row(str(i), f"{bi:.4f}", f"{angular[i]:.4f}" if i < len(angular) else "", "x" if i in removed else "")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    measured = record.get("measured")
+    if measured:
+        n, seqlen = measured["measured_on"]
+        table = Table(title=f"the criterion's best removals, measured: calibration ppl on {n} x {seqlen} tokens "
+                            f"(original {measured['calib_ppl_original']:.3f})")
+        for column in ("rank", "layers", "criterion score", "calibration ppl", "x original", "chosen"):
+            table.add_column(column, justify="right")
+        for rank, row in enumerate(measured["candidates"]):
+            table.add_row(str(rank + 1), ",".join(map(str, row["layers"])),
+                          "" if row["proxy"] is None else f"{row['proxy']:.4f}", f"{row['calib_ppl']:.3f}",
+                          f"{row['calib_ppl'] / measured['calib_ppl_original']:.2f}",
+                          "x" if rank == measured["chosen"] else "")
+        console.print(table)
 
 
 def plot_scores(record: dict, path: str | os.PathLike) -> Path:
