@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .adapters import adapter_mismatch, add_lora, load_adapter, lora_config
 from .calibration import calibration_windows
 from .config import MethodConfig, register_method
-from .errors import UsageError
+from .errors import Interrupted, UsageError
 from .finetune import SCHEDULES, lr_factor
 from .io import atomic_dir, fingerprint, fingerprint_change, prepare_out
 from .models import resolve_model
@@ -600,8 +600,14 @@ def _cmd_heal(args: argparse.Namespace) -> int:
         print(f"adapter {args.merge_adapter} merged into {args.model}; checkpoint written to {out}")
         return 0
     config = config_from_args(args)
-    out = heal(args.model, config, args.out, teacher=args.teacher, resume=args.resume, overwrite=args.overwrite,
-               progress=not args.no_progress)
+    try:
+        out = heal(args.model, config, args.out, teacher=args.teacher, resume=args.resume, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    except KeyboardInterrupt:
+        if (checkpoint_dir(args.out) / "state.json").is_file():
+            raise Interrupted(f"the last checkpoint is kept in {checkpoint_dir(args.out)}: run the same command with "
+                              "--resume to continue from it, or delete it to discard it") from None
+        raise
     if (out / RECORD).is_file():
         record = json.loads((out / RECORD).read_text())
         ppl = f"; held-out ppl {record['evals'][0]['ppl']:.2f} -> {record['evals'][-1]['ppl']:.2f}" \

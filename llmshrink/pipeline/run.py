@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import MethodConfig
-from ..errors import UsageError
+from ..errors import Interrupted, UsageError
 from ..hub import EVAL_FILE, RECIPE_FILE
 from ..io import atomic_dir, atomic_write_json, fingerprint, fingerprint_change, prepare_out
 from .recipe import Recipe, needs_calibration, output_kind
@@ -228,7 +228,11 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
         _write_state(out, state)
         torch.manual_seed(recipe.seed)
         started = time.perf_counter()
-        RUNNERS[step.METHOD](recipe, step, src, dest, progress)
+        try:
+            RUNNERS[step.METHOD](recipe, step, src, dest, progress)
+        except KeyboardInterrupt:
+            raise Interrupted(f"the finished steps are kept in {out}: run the same recipe with --resume to continue, "
+                              "or with --overwrite to start over") from None
         state["steps"].append({"method": step.METHOD, "config": step.to_dict(), "folder": str(dest.relative_to(out)),
                                "kind": output_kind(step), "seconds": round(time.perf_counter() - started, 1)})
         state.pop("running")

@@ -26,7 +26,7 @@ class LayerPruneConfig(MethodConfig):
             the run's input and output, never a run that ends at the final layer), or `last` (the
             final layers: the naive baseline).
         candidates: the criterion's best `candidates` removals are each measured (calibration
-            perplexity of the model without them, on up to 16 calibration windows) and the best
+            perplexity of the model without them, on up to 8 calibration windows) and the best
             measured one is taken; 1 takes the criterion's choice, still measured and reported.
             A proxy is a guess: a layer whose output looks like its input can still matter.
     """

@@ -171,6 +171,12 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(folders, monkeypatc
     with pytest.raises(UsageError, match="lr="):  # another config cannot resume it
         heal(folders["pruned"], small(loss="ce", steps=6, save_every=3, lr=1e-3, calibration=folders["calib"]),
              out, resume=True, progress=False)
+    calib = Path(folders["calib"])  # nor other training text
+    text = calib.read_text()
+    calib.write_text(text + "\n\nSome more text that changes the training windows.")
+    with pytest.raises(UsageError, match="cannot resume from .*: the training windows differ"):
+        heal(folders["pruned"], config, out, resume=True, progress=False)
+    calib.write_text(text)
     heal(folders["pruned"], config, out, resume=True, progress=False)
     a, b = adapter_weights(whole), adapter_weights(out)
     assert a.keys() == b.keys()

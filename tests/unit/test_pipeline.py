@@ -211,7 +211,7 @@ def test_resume_after_a_crash_keeps_finished_steps(tiny, monkeypatch):
     monkeypatch.setitem(run_mod.RUNNERS, "layer_prune", counting("layer_prune"))
     monkeypatch.setitem(run_mod.RUNNERS, "weight_prune", counting("weight_prune"))
     monkeypatch.setitem(run_mod.RUNNERS, "rtn", counting("rtn", crash=True))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="finished steps are kept in .*--resume to continue"):
         run_recipe(load_recipe(path), progress=False)
     state = json.loads((out / STATE_FILE).read_text())
     assert [s["method"] for s in state["steps"]] == ["layer_prune", "weight_prune"]
@@ -235,3 +235,7 @@ def test_resume_after_a_crash_keeps_finished_steps(tiny, monkeypatch):
         run_recipe(load_recipe(path, ["seed=1"]), resume=True, progress=False)
     with pytest.raises(llmshrink.UsageError, match="nothing to resume"):
         run_recipe(load_recipe(path, [f"out={tiny['root'] / 'never'}"]), resume=True, progress=False)
+    config = Path(tiny["model"]) / "config.json"  # the source model changed since the run began
+    config.write_text(config.read_text() + "\n")
+    with pytest.raises(llmshrink.UsageError, match="the recipe's model config.json has changed since the run began"):
+        run_recipe(load_recipe(path), resume=True, progress=False)
