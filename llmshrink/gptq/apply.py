@@ -420,7 +420,10 @@ def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> d
         "checkpoint_format": "gptq",
         "bits": config.bits,
         "group_size": config.group_size,
-        "desc_act": config.desc_act and config.algorithm == "gptq",  # RTN has no column order
+        # What the stored layout is: act-order with static groups keeps g_idx = i // group_size,
+        # which readers must be told is no reordering (vLLM refuses desc_act=True checkpoints);
+        # the act-order used while quantizing is recorded under "llmshrink" below.
+        "desc_act": config.desc_act and config.algorithm == "gptq" and not config.static_groups,
         "sym": config.sym,
         "damp_percent": config.damp_percent,
         "true_sequential": config.true_sequential,
@@ -429,7 +432,8 @@ def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> d
     }
     if config.dynamic:
         qc["dynamic"] = config.to_gptq_dynamic()
-    qc["llmshrink"] = {"config": config.to_dict(), "calibration": calib_info, "modules": stats}
+    qc["llmshrink"] = {"config": config.to_dict(), "act_order": config.desc_act and config.algorithm == "gptq",
+                       "calibration": calib_info, "modules": stats}
     return qc
 
 

@@ -245,3 +245,19 @@ def test_too_short_or_empty_calibration_is_refused(tmp_path, tiny):
         calibration_windows(tokenizer, str(tmp_path / "short.txt"), nsamples=4, seqlen=512)
     with pytest.raises(UsageError, match="nsamples >= 1"):
         calibration_windows(tokenizer, str(tmp_path / "short.txt"), nsamples=0, seqlen=8)
+
+
+@pytest.mark.parametrize("static_groups", [True, False])
+def test_desc_act_describes_the_stored_layout(tmp_path, static_groups):
+    """Act-order with static groups stores g_idx = i // group_size: no reordering, so the standard
+    field says desc_act false (vLLM refuses desc_act true) and llmshrink records the act-order."""
+    _save_tiny(tmp_path / "src")
+    config = GPTQConfig(bits=4, group_size=16, desc_act=True, static_groups=static_groups)
+    out = quantize_checkpoint(tmp_path / "src", config, _calib(), tmp_path / "q", progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    index = TensorIndex(out)
+    g_idx = [index.get(k) for k in index.keys() if k.endswith(".g_idx")]
+    trivial = all(torch.equal(g, torch.arange(len(g), dtype=torch.int32) // 16) for g in g_idx)
+    assert trivial == static_groups and qc["desc_act"] is (not trivial)
+    assert qc["llmshrink"]["act_order"] is True
+    assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is qc["desc_act"]

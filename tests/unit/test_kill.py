@@ -65,9 +65,10 @@ QUANTIZE = ["quantize", "--model", "{root}/tiny", "--nsamples", "4", "--calib-se
 
 @pytest.fixture(scope="module")
 def quantized(source):
-    """The uninterrupted run's checkpoint (in this process: the same code, no kill)."""
+    """The uninterrupted run's checkpoint, made as the killed one is: by a fresh process."""
     out = source / "whole-q"
-    assert main([*[a.format(root=source) for a in QUANTIZE], "--out", str(out)]) == 0
+    whole = run_cli([*[a.format(root=source) for a in QUANTIZE], "--out", str(out)])
+    assert whole.returncode == 0, whole.stderr[-2000:]
     return digest(out)
 
 
