@@ -6,6 +6,7 @@ Bad input ends in one line on stderr (`llmshrink: error: ...`) and exit code 2, 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -87,11 +88,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     config = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
                         damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,
                         static_groups=args.static_groups, algorithm=args.method, clip_search=not args.no_clip_search,
-                        calib_dtype=args.calib_dtype, lm_head=args.lm_head)
+                        calib_dtype=args.calib_dtype, lm_head=args.lm_head, partial_groups=args.partial_groups)
     started = time.perf_counter()
     out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
                    seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
-    print(f"{config.algorithm} {config.bits}-bit g{config.group_size} checkpoint written to {out} "
+    stored = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
+    print(f"{config.algorithm} {config.bits}-bit g{stored['group_size']} checkpoint written to {out} "
           f"in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -206,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-true-sequential", action="store_true")
     p.add_argument("--no-clip-search", action="store_true", help="plain min/max ranges (textbook GPTQ)")
     p.add_argument("--lm-head", action="store_true", help="also quantize the output head (unties a tied one)")
+    p.add_argument("--partial-groups", action="store_true",
+                   help="keep --group-size where it does not divide a linear's inputs (a partial last group; "
+                        "vLLM cannot read it); by default the size is halved until every linear has whole groups")
     p.add_argument("--calib-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="dtype of the calibration forwards (auto: bfloat16 where the CPU/GPU has native bf16 matmul)")
     p.add_argument("--damp-percent", type=float, default=0.01)

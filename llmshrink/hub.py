@@ -122,9 +122,13 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
     lines.append("```")
-    if gptq_folder and not packed:
+    record = (_read_json(folder / "config.json") or {}).get("quantization_config", {}).get("llmshrink", {})
+    if gptq_folder and not packed and record.get("vllm_servable", True):  # llmshrink's own verdict, where it wrote one
         lines += ["", "It is a standard GPTQ checkpoint: transformers (with gptqmodel) and vLLM read it "
                   "without llmshrink:", "", "```bash", f"vllm serve {repo_id}", "```"]
+    elif gptq_folder and not packed:
+        lines += ["", "It is a standard GPTQ checkpoint that transformers (with gptqmodel) and GPTQModel read; "
+                  f"vLLM does not serve it ({record.get('vllm_limit', 'see quantization_config')})."]
     lines += ["", "With llmshrink: `llmshrink.AutoModelForCausalLM.from_pretrained(\"" + repo_id + "\")` "
               "(every llmshrink output: GPTQ, pruned, adapters, deltas, packed).", ""]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ layer and writes the same checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from ..errors import Interrupted, UsageError
 from ..io import atomic_dir, fingerprint, fingerprint_change, prepare_out
 from ..safetensors_io import StoredTensor, TensorIndex, save_shards, save_tensors
 from .algorithm import DEFAULT_SHRINK_GRID, accumulate_hessian, gptq_quantize, rtn_quantize
+from .compat import vllm_limits, whole_group_size
 from .config import GPTQConfig
 from .packing import pack_gptq
 
@@ -399,6 +401,48 @@ def _quantize_head(model, layers, final: list[tuple[torch.Tensor, dict]], config
     return tensors, stats
 
 
+def _quantized_linears(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> dict[str, tuple]:
+    """Per linear that `config` quantizes: (its config, in_features)."""
+    found = {}
+    for i, layer in enumerate(layers):
+        for step in layer_linears(layer, spec):
+            for name, module in step:
+                mconf = config.for_module(f"{layer_prefix}{i}.{name}")
+                if mconf is not None:
+                    found[f"{layer_prefix}{i}.{name}"] = (mconf, module.in_features)
+    head = _head_of(model) if config.lm_head else None
+    if head is not None and config.for_module(head[0]) is not None:
+        found[head[0]] = (config.for_module(head[0]), head[1].in_features)
+    return found
+
+
+def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> tuple[GPTQConfig, str | None]:
+    """`config` with a group size that gives every linear whole groups (see GPTQConfig.group_size),
+    and why vLLM cannot serve the result (None if it can; said in one warning line before any work)."""
+    linears = _quantized_linears(config, model, layers, spec, layer_prefix)
+    if not config.partial_groups:
+        widths = [n for mconf, n in linears.values() if mconf.group_size == config.group_size]
+        size = whole_group_size(config.group_size, widths)
+        if size != config.group_size:
+            odd = next(name for name, (m, n) in linears.items() if m.group_size == config.group_size and n % config.group_size)
+            logger.info("group_size=%d leaves %s (%d inputs) a partial last group; using group_size=%d, which "
+                        "divides every linear (partial_groups=True keeps %d)", config.group_size, odd,
+                        linears[odd][1], size, config.group_size)
+            config = dataclasses.replace(config, group_size=size)
+            linears = _quantized_linears(config, model, layers, spec, layer_prefix)
+    why = vllm_limits({name: (m.bits, m.group_size, m.sym, n) for name, (m, n) in linears.items()},
+                      _stored_desc_act(config))
+    if why:
+        logger.warning("vLLM will not serve this checkpoint: %s", why)
+    return config, why
+
+
+def _stored_desc_act(config: GPTQConfig) -> bool:
+    """The layout's desc_act: act-order with static groups stores g_idx = i // group_size, which
+    readers must be told is no reordering (vLLM refuses desc_act=True checkpoints)."""
+    return config.desc_act and config.algorithm == "gptq" and not config.static_groups
+
+
 def _run_change(saved: dict, now: dict) -> str:
     """What differs between the run recorded in a .partial folder and this one, in a few words."""
     if "source_files" not in saved:
@@ -414,16 +458,14 @@ def _run_change(saved: dict, now: dict) -> str:
     return "other calibration windows"
 
 
-def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> dict:
+def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict, requested_group_size: int,
+                         vllm: str | None) -> dict:
     qc = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "bits": config.bits,
         "group_size": config.group_size,
-        # What the stored layout is: act-order with static groups keeps g_idx = i // group_size,
-        # which readers must be told is no reordering (vLLM refuses desc_act=True checkpoints);
-        # the act-order used while quantizing is recorded under "llmshrink" below.
-        "desc_act": config.desc_act and config.algorithm == "gptq" and not config.static_groups,
+        "desc_act": _stored_desc_act(config),  # the act-order used is recorded under "llmshrink" below
         "sym": config.sym,
         "damp_percent": config.damp_percent,
         "true_sequential": config.true_sequential,
@@ -433,7 +475,10 @@ def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict) -> d
     if config.dynamic:
         qc["dynamic"] = config.to_gptq_dynamic()
     qc["llmshrink"] = {"config": config.to_dict(), "act_order": config.desc_act and config.algorithm == "gptq",
+                       "group_size_requested": requested_group_size, "vllm_servable": vllm is None,
                        "calibration": calib_info, "modules": stats}
+    if vllm:
+        qc["llmshrink"]["vllm_limit"] = vllm
     return qc
 
 
@@ -474,6 +519,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(layer_prefix)]
     if missing:
         raise UsageError(f"{source} lacks {missing[0]}; the checkpoint does not match its config")
+    requested_group_size = config.group_size
+    config, vllm = _whole_groups(config, model, layers, spec, layer_prefix)
 
     partial = out.with_name(out.name + ".partial")
     state_file = partial / "state.json"
@@ -544,7 +591,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         tensors.update({key: StoredTensor(layer_file, key) for key in layer_file.keys()})
         all_stats.update(json.loads((partial / f"layer-{i:05d}.json").read_text()))
     tensors = {_checkpoint_key(name, key_of): t for name, t in tensors.items()}
-    qc = _quantization_config(config, calib_info, all_stats)
+    qc = _quantization_config(config, calib_info, all_stats, requested_group_size, vllm)
     model.config.quantization_config = qc
     model.config.dtype = torch.float16
     with atomic_dir(out) as tmp:

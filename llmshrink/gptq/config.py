@@ -21,8 +21,12 @@ class GPTQConfig(MethodConfig):
 
     Args:
         bits: 2, 3, 4 or 8.
-        group_size: input channels per scale/zero group; -1 for one group per output row. Sizes
-            that do not divide in_features leave a partial last group.
+        group_size: input channels per scale/zero group; -1 for one group per output row. A size
+            that does not divide some linear's in_features is halved for the whole checkpoint until
+            it does (at least 32; 576 inputs with 128 -> 64), so every reader, vLLM included, gets
+            whole groups; the size used is logged and stored.
+        partial_groups: keep `group_size` as given where it does not divide in_features, with a
+            partial last group (llmshrink and GPTQModel read it, vLLM does not).
         desc_act: act-order: quantize input channels by decreasing Hessian diagonal (saved as g_idx).
             On by default: on the packaged model it halves the perplexity gap of plain GPTQ.
         sym: symmetric grid (zero point 2**(bits-1)); False for an asymmetric one.
@@ -58,6 +62,7 @@ class GPTQConfig(MethodConfig):
     dynamic: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     lm_head: bool = False
     calib_dtype: str = "auto"
+    partial_groups: bool = False
 
     def validate(self) -> None:
         _check_grid(self.bits, self.group_size, self.damp_percent, where="")

@@ -261,3 +261,38 @@ def test_desc_act_describes_the_stored_layout(tmp_path, static_groups):
     assert trivial == static_groups and qc["desc_act"] is (not trivial)
     assert qc["llmshrink"]["act_order"] is True
     assert json.loads((out / "quantize_config.json").read_text())["desc_act"] is qc["desc_act"]
+
+
+def test_whole_groups_and_vllm_limits_math():
+    from llmshrink.gptq.compat import vllm_limits, whole_group_size
+
+    assert whole_group_size(128, [576, 1536]) == 64 and whole_group_size(128, [4096, 11008]) == 128
+    assert whole_group_size(128, [100]) == 128  # nothing >= 32 divides it: partial groups stay
+    assert whole_group_size(-1, [100]) == -1 and whole_group_size(96, [576]) == 96
+    assert vllm_limits({"a": (4, 64, True, 576)}, desc_act=False) is None
+    assert "partial last group" in vllm_limits({"a": (4, 128, True, 576)}, desc_act=False)
+    assert "bits=3" in vllm_limits({"a": (3, 64, True, 576)}, desc_act=False)
+    assert "asymmetric" in vllm_limits({"a": (8, 64, False, 576)}, desc_act=False)
+    assert "desc_act=True" in vllm_limits({"a": (4, 64, True, 576)}, desc_act=True)
+
+
+@pytest.mark.parametrize("config, stored_group, servable", [
+    (GPTQConfig(bits=4, group_size=64), 32, True),  # 48-wide MLP inputs: halved for whole groups
+    (GPTQConfig(bits=4, group_size=64, partial_groups=True), 64, False),
+    (GPTQConfig(bits=2, group_size=16), 16, False),
+], ids=["halved", "partial-kept", "2-bit"])
+def test_group_size_and_the_vllm_verdict_are_stored(tmp_path, caplog, config, stored_group, servable):
+    from llmshrink.hub import model_card
+
+    _save_tiny(tmp_path / "src", intermediate_size=96)  # hidden 32, MLP inputs 96: 64 leaves partial groups
+    with caplog.at_level("INFO"):
+        out = quantize_checkpoint(tmp_path / "src", config, _calib(), tmp_path / "q", progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["group_size"] == stored_group and qc["llmshrink"]["group_size_requested"] == config.group_size
+    assert qc["llmshrink"]["vllm_servable"] is servable
+    warned = [r.getMessage() for r in caplog.records if "vLLM will not serve" in r.getMessage()]
+    assert bool(warned) is (not servable) and (servable or qc["llmshrink"]["vllm_limit"] in warned[0])
+    assert ("vllm serve" in model_card(out, "org/q")) is servable
+    n = QuantLinear  # the loader reads every layout, partial groups included
+    model = load_quantized(out)
+    assert {m.group_size for m in model.modules() if isinstance(m, n)} == {stored_group}
