@@ -69,11 +69,14 @@ def write_task_configs(tasks: list[str], limit: int, folder: Path) -> list[str]:
     return names
 
 
-def run_lm_eval(model_path: str, tasks: list[str], limit: int, folder: Path, batch_size: int = 8) -> dict:
-    """Run lm-eval (hf backend, fp32, CPU) on our data; return {our task: {metric: value}}."""
+def run_lm_eval(model_path: str, tasks: list[str], limit: int, folder: Path, batch_size: int = 8,
+                through_llmshrink: bool = False) -> dict:
+    """Run lm-eval (hf backend, fp32, CPU) on our data; return {our task: {metric: value}}.
+    `through_llmshrink`: as `llmshrink lm-eval` (llmshrink's formats loadable) instead of `lm_eval`."""
     names = write_task_configs(tasks, limit, folder)
     out = folder / "lm_eval_out"
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+    entry = ["-m", "llmshrink", "lm-eval"] if through_llmshrink else ["-m", "lm_eval"]
+    cmd = [sys.executable, *entry, "--model", "hf",
            "--model_args", f"pretrained={model_path},dtype=float32", "--device", "cpu",
            "--include_path", str(folder), "--tasks", ",".join(names), "--batch_size", str(batch_size),
            "--output_path", str(out)]

@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_push_cli(sub)  # push
 
+    sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's command line, with every llmshrink "
+                   "format loadable by --model hf (arguments as lm_eval takes them)")
+
     p = sub.add_parser("prepare", help="convert a packaged model into the cache and print its folder",
                        description="Resolve a model name (converting the packaged GGUF once) and print its folder.")
     p.add_argument("--model", default=None, help=f"packaged name, local folder or Hub id (default {DEFAULT_MODEL})")
@@ -292,7 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["lm-eval"]:  # every argument is lm-eval's own: no parsing here
+            from .evals.lm_eval_entry import main as lm_eval_main
+
+            return lm_eval_main(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:

@@ -25,7 +25,8 @@ from .errors import UsageError
 from .io import atomic_dir, cache_dir, sha256_file
 from .safetensors_io import check_safetensors_file
 
-__all__ = ["DEFAULT_MODEL", "PACKAGED_MODELS", "check_model_folder", "resolve_model", "load_model", "load_tokenizer", "convert_gguf"]
+__all__ = ["DEFAULT_MODEL", "PACKAGED_MODELS", "check_model_folder", "resolve_model", "tokenizer_folder", "load_model",
+           "load_tokenizer", "convert_gguf"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def _from_pretrained(loader, name: str, **kwargs):
                          f"{', '.join(PACKAGED_MODELS)}") from None
 
 
-def _tokenizer_folder(resolved: str) -> str:
+def tokenizer_folder(resolved: str) -> str:
     """Where a model's tokenizer lives: a delta folder's comes from its base, a packed folder's
     from its decoded copy."""
     from .delta.load import is_delta_folder, locate_base, read_meta
@@ -214,7 +215,7 @@ def load_tokenizer(name: str | None = None):
     """Load the tokenizer of a model given as alias, folder or Hub id."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, _tokenizer_folder(resolve_model(name)))
+    return _from_pretrained(AutoTokenizer, tokenizer_folder(resolve_model(name)))
 
 
 def load_model(name: str | None = None, dtype: str = "float32", device: str = "cpu"):
@@ -234,7 +235,7 @@ def load_model(name: str | None = None, dtype: str = "float32", device: str = "c
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16")
     resolved = resolve_model(name)
-    tokenizer = _from_pretrained(AutoTokenizer, _tokenizer_folder(resolved))
+    tokenizer = _from_pretrained(AutoTokenizer, tokenizer_folder(resolved))
     model = _from_pretrained(AutoModelForCausalLM, resolved, dtype=DTYPES[dtype])
     model.to(device).eval()
     return model, tokenizer, resolved

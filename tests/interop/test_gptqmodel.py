@@ -47,10 +47,11 @@ def _assert_same_logits(theirs, folder, ids):
 
 
 @pytest.mark.parametrize("config", [
-    llmshrink.GPTQConfig(),  # the defaults: g128 leaves a partial last group on the 576-wide layers
+    llmshrink.GPTQConfig(),  # the defaults: act-order with static groups, g128 halved to whole g64 groups
+    llmshrink.GPTQConfig(partial_groups=True),  # g128 kept: a partial last group on the 576-wide layers
     llmshrink.GPTQConfig(bits=4, group_size=64, desc_act=True, static_groups=False),  # non-monotone g_idx
     llmshrink.GPTQConfig(bits=8, group_size=-1, desc_act=False),
-], ids=["defaults", "g64-act-order", "8bit-per-channel"])
+], ids=["defaults", "partial-groups", "g64-act-order", "8bit-per-channel"])
 # Not here: sym=False. GPTQModel 7.6 refuses asymmetric `checkpoint_format: gptq` (v1) checkpoints
 # that it did not write itself ("only supported if produced by gptqmodel version >= 0.9.0"),
 # because of the old v1 zero-point offset bug; ours clamp zero points to [1, 2**bits - 1], which

