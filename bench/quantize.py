@@ -33,6 +33,7 @@ from llmshrink import AutoModelForCausalLM, load_tokenizer, resolve_model
 from llmshrink.calibration import calibration_windows
 from llmshrink.evals import load_corpus, perplexity_of_ids
 from llmshrink.evals.data import corpus_documents
+from llmshrink.io import folder_size
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,6 +61,11 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{output[-3000:]}")
     return time.perf_counter() - start, peak[0] / 2**20, output[-500:]
+
+
+def stored_group_size(folder: Path) -> int:
+    """The group size the checkpoint stores (llmshrink may lower the requested one to whole groups)."""
+    return json.loads((Path(folder) / "config.json").read_text())["quantization_config"]["group_size"]
 
 
 def ppl_of(folder: str, ids: torch.Tensor, seqlen: int) -> float:
@@ -103,14 +109,17 @@ def main() -> None:
         runs = {
             "RTN (llmshrink)": [sys.executable, "-m", "llmshrink", "quantize", "--method", "rtn", "--no-clip-search"],
             "GPTQ (llmshrink)": [sys.executable, "-m", "llmshrink", "quantize"],
+            # the layout before whole groups became the default: the requested size, partial last groups
+            "GPTQ (llmshrink, --partial-groups)": [sys.executable, "-m", "llmshrink", "quantize", "--partial-groups"],
         }
         for name, cmd in runs.items():
-            out = work / f"{name.split()[0].lower()}-{bits}"
+            out = work / f"{name.split()[0].lower()}{'-partial' if 'partial' in name else ''}-{bits}"
             shutil.rmtree(out, ignore_errors=True)
             cmd = cmd + ["--model", args.model, "--bits", str(bits), "--group-size", str(args.group_size),
                          "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.seqlen), "--out", str(out)]
             seconds, rss, _ = run_measured(cmd, env)
-            rows.append((bits, name, ppl_of(str(out), ids, args.seqlen), seconds, rss))
+            rows.append((bits, f"{name} g{stored_group_size(out)}", ppl_of(str(out), ids, args.seqlen), seconds, rss,
+                         folder_size(out, (".safetensors",)) / 1e6))
             print(rows[-1], flush=True)
         if args.gptqmodel_python:
             out = work / f"gptqmodel-{bits}"
@@ -119,14 +128,15 @@ def main() -> None:
             cmd = [args.gptqmodel_python, "-I", str(HERE / "_gptqmodel_child.py"), source, str(out), str(bits),
                    str(args.group_size), str(calib_file)]
             seconds, rss, _ = run_measured(cmd, {**env, "GPTQMODEL_CPU_WORKERS": "2"})
-            rows.append((bits, "GPTQModel 7.6.0 (defaults)", ppl_of(str(out), ids, args.seqlen), seconds, rss))
+            rows.append((bits, f"GPTQModel 7.6.0 (defaults) g{stored_group_size(out)}", ppl_of(str(out), ids, args.seqlen),
+                         seconds, rss, folder_size(out, (".safetensors",)) / 1e6))
             print(rows[-1], flush=True)
 
-    print("\n| bits | method | wiki ppl | gap to unquantized | quantize time (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| 16/32 | unquantized | {base:.3f} | - | - | - |")
-    for bits, name, ppl, seconds, rss in rows:
-        print(f"| {bits} | {name} | {ppl:.3f} | {ppl - base:+.3f} | {seconds:.0f} | {rss:.0f} |")
+    print("\n| bits | method | wiki ppl | gap to unquantized | quantize time (s) | peak RSS (MB) | weights (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| 16/32 | unquantized | {base:.3f} | - | - | - | {folder_size(source, ('.safetensors',)) / 1e6:.1f} |")
+    for bits, name, ppl, seconds, rss, size in rows:
+        print(f"| {bits} | {name} | {ppl:.3f} | {ppl - base:+.3f} | {seconds:.0f} | {rss:.0f} | {size:.1f} |")
     for bits in sorted({r[0] for r in rows}):
         ours = next((r for r in rows if r[0] == bits and r[1].startswith("GPTQ (")), None)
         peer = next((r for r in rows if r[0] == bits and r[1].startswith("GPTQModel")), None)
