@@ -95,8 +95,9 @@ class AutoModelForCausalLM:
             if not base:
                 raise UsageError(f"the adapter in {name} does not record its base model; pass base_model=")
             base_resolved = resolve_model(base)
-            return load_adapter(cls.from_pretrained(base_resolved, dtype=dtype, token=token, **kwargs), resolved,
-                                base_resolved, check_base=base_model is None)
+            # float32 unless asked: the default dtype rule is for GPTQ checkpoints loaded as they are
+            base_loaded = cls.from_pretrained(base_resolved, dtype=dtype or torch.float32, token=token, **kwargs)
+            return load_adapter(base_loaded, resolved, base_resolved, check_base=base_model is None)
         if base_model is not None:
             raise UsageError(f"base_model= is for delta and adapter folders; {name} is neither")
         try:
