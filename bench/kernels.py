@@ -229,10 +229,11 @@ def bench_onebit(device: torch.device) -> None:
             print(f"| {k}x{n} | {rows} | {base * 1e3:.4f} | {t * 1e3:.4f} | {base / t:.2f}x |", flush=True)
 
 
-def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gptq") -> None:
+def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gptq", checkpoint: str | None = None) -> None:
     """Decode tokens/s of the default model's 4-bit g128 checkpoint loaded with no `dtype=` against
     the fp32 original (what a user gets from either `from_pretrained` without arguments), in
-    alternating runs; and whether their first 32 greedy tokens are equal."""
+    alternating runs; and whether their first 32 greedy tokens are equal. `checkpoint`: an existing
+    4-bit checkpoint of the default model to use instead of quantizing one (GPTQ takes minutes)."""
     import transformers
 
     from llmshrink import AutoModelForCausalLM, GPTQConfig, load_model, quantize
@@ -243,8 +244,10 @@ def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gpt
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        out = quantize(source, GPTQConfig(bits=4, group_size=128, algorithm=method), Path(tmp) / "q", progress=False)
-        print(f"  quantized ({method}, 4-bit g128) in {time.perf_counter() - started:.0f} s", flush=True)
+        out = checkpoint or quantize(source, GPTQConfig(bits=4, group_size=128, algorithm=method,
+                                                        clip_search=method == "gptq"), Path(tmp) / "q", progress=False)
+        print(f"  {'loaded' if checkpoint else f'quantized ({method}, 4-bit g128)'} {out} in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
         models = {"fp32 original": original, "4-bit, no dtype=": AutoModelForCausalLM.from_pretrained(out)}
         plain = transformers.AutoModelForCausalLM.from_pretrained(out)
     dtype = models["4-bit, no dtype="].dtype
@@ -290,13 +293,14 @@ def main() -> None:
     parser.add_argument("--only-default-load", action="store_true",
                         help="only the 4-bit checkpoint loaded with no dtype= against the fp32 original")
     parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="how the default-load checkpoint is made")
+    parser.add_argument("--checkpoint", help="an existing 4-bit checkpoint of the default model for the default-load run")
     args = parser.parse_args()
     print(" ".join(sys.argv))
     if args.only_crossover:
         bench_crossover()
         return
     if args.only_default_load:
-        bench_default_load(args.new_tokens, method=args.method)
+        bench_default_load(args.new_tokens, method=args.method, checkpoint=args.checkpoint)
         return
     if args.only_gpu:
         if not torch.cuda.is_available():
