@@ -250,6 +250,7 @@ def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gpt
               f"{time.perf_counter() - started:.0f} s", flush=True)
         models = {"fp32 original": original, "4-bit, no dtype=": AutoModelForCausalLM.from_pretrained(out)}
         plain = transformers.AutoModelForCausalLM.from_pretrained(out)
+        exact = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # same checkpoint, fp32 compute
     dtype = models["4-bit, no dtype="].dtype
     kinds = ", ".join(sorted({q.kernel.name for q in models["4-bit, no dtype="].modules() if isinstance(q, QuantLinear)}))
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -258,6 +259,7 @@ def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gpt
         for name, m in models.items():  # warm-up, and the tokens compared
             tokens[name] = m.generate(prompt, **{**kwargs, "max_new_tokens": 32, "min_new_tokens": 32})[0, prompt.shape[1]:]
         plain_tokens = plain.generate(prompt, **{**kwargs, "max_new_tokens": 32, "min_new_tokens": 32})[0, prompt.shape[1]:]
+        exact_tokens = exact.generate(prompt, **{**kwargs, "max_new_tokens": 32, "min_new_tokens": 32})[0, prompt.shape[1]:]
         for _ in range(rounds):
             for name, m in models.items():
                 start = time.perf_counter()
@@ -277,7 +279,8 @@ def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gpt
     print(f"first 32 greedy tokens equal to the fp32 original's: {same}"
           + ("" if same else f" (first difference at token {first_diff})")
           + f"; plain transformers' default load gives the same tokens as llmshrink's: "
-            f"{torch.equal(plain_tokens, tokens['4-bit, no dtype='])}")
+            f"{torch.equal(plain_tokens, tokens['4-bit, no dtype='])}; the same checkpoint loaded in float32 gives "
+            f"the same tokens: {torch.equal(exact_tokens, tokens['4-bit, no dtype='])}")
     print(f"4-bit text: {tokenizer.decode(tokens['4-bit, no dtype='])!r}")
 
 
