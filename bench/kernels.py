@@ -4,6 +4,7 @@
     python bench/kernels.py --skip-generate # kernels only
     python bench/kernels.py --only-crossover # rows where dequantize + dense beats torch-int4/int8
     python bench/kernels.py --only-gpu      # the CUDA half alone (scripts/gpu_check.sh runs it)
+    python bench/kernels.py --only-default-load # 4-bit checkpoint loaded with no dtype= vs fp32 original
 
 CPU: every CPU kernel that serves a layer (4-bit g128 act-order, 8-bit g128 and 8-bit
 per-channel) with bf16 activations (where torch's int4/int8 matmuls are fast) and fp32 ones,
@@ -15,6 +16,9 @@ GPU (when CUDA is there): the Triton kernel (4-bit g128) against fp16 `F.linear`
 rows 1/16/64/256 on 4096x4096, 4096x14336, 8192x28672, with device, torch and triton versions;
 and the 1-bit delta kernel (`scale * (x @ sign.T)`, `--onebit`, also on CPU) against the same
 dense matmul, i.e. the extra cost of serving a bitdelta beside the base.
+Default load: the default model's 4-bit g128 checkpoint loaded with no `dtype=` (the dtype the
+load rule picks for this machine) against the fp32 original, greedy decoding at batch 1 on
+PROMPT, runs alternating in one process; prints the ratio and whether the first 32 tokens agree.
 Ratios are dense time / kernel time: above 1 means the kernel is faster.
 """
 
@@ -34,6 +38,7 @@ from llmshrink.gptq.linear import QuantLinear
 from llmshrink.gptq.packing import pack_gptq
 from llmshrink.kernels import KERNELS
 
+PROMPT = "The history of the city begins"  # README's and `llmshrink eval`'s generation prompt
 CPU_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
 
@@ -224,6 +229,61 @@ def bench_onebit(device: torch.device) -> None:
             print(f"| {k}x{n} | {rows} | {base * 1e3:.4f} | {t * 1e3:.4f} | {base / t:.2f}x |", flush=True)
 
 
+def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gptq", checkpoint: str | None = None) -> None:
+    """Decode tokens/s of the default model's 4-bit g128 checkpoint loaded with no `dtype=` against
+    the fp32 original (what a user gets from either `from_pretrained` without arguments), in
+    alternating runs; and whether their first 32 greedy tokens are equal. `checkpoint`: an existing
+    4-bit checkpoint of the default model to use instead of quantizing one (GPTQ takes minutes)."""
+    import transformers
+
+    from llmshrink import AutoModelForCausalLM, GPTQConfig, load_model, quantize
+
+    original, tokenizer, source = load_model("smollm2-135m")
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        out = checkpoint or quantize(source, GPTQConfig(bits=4, group_size=128, algorithm=method,
+                                                        clip_search=method == "gptq"), Path(tmp) / "q", progress=False)
+        print(f"  {'loaded' if checkpoint else f'quantized ({method}, 4-bit g128)'} {out} in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+        models = {"fp32 original": original, "4-bit, no dtype=": AutoModelForCausalLM.from_pretrained(out)}
+        plain = transformers.AutoModelForCausalLM.from_pretrained(out)
+        exact = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # same checkpoint, fp32 compute
+    dtype = models["4-bit, no dtype="].dtype
+    kinds = ", ".join(sorted({q.kernel.name for q in models["4-bit, no dtype="].modules() if isinstance(q, QuantLinear)}))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    tokens = {}
+    with torch.inference_mode():
+        for name, m in models.items():  # warm-up, and the tokens compared
+            tokens[name] = m.generate(prompt, **{**kwargs, "max_new_tokens": 32, "min_new_tokens": 32})[0, prompt.shape[1]:]
+        plain_tokens = plain.generate(prompt, **{**kwargs, "max_new_tokens": 32, "min_new_tokens": 32})[0, prompt.shape[1]:]
+        exact_tokens = exact.generate(prompt, **{**kwargs, "max_new_tokens": 32, "min_new_tokens": 32})[0, prompt.shape[1]:]
+        for _ in range(rounds):
+            for name, m in models.items():
+                start = time.perf_counter()
+                m.generate(prompt, **kwargs)
+                times[name].append(time.perf_counter() - start)
+    speed = {name: new_tokens / statistics.median(t) for name, t in times.items()}
+    same = torch.equal(tokens["fp32 original"], tokens["4-bit, no dtype="])
+    first_diff = next((i for i, (a, b) in enumerate(zip(tokens["fp32 original"].tolist(),
+                                                         tokens["4-bit, no dtype="].tolist())) if a != b), None)
+    print(f"\nDefault load: greedy decoding, batch 1, {new_tokens} new tokens on {PROMPT!r}, "
+          f"median of {rounds} alternating runs; the 4-bit checkpoint loads in {str(dtype).removeprefix('torch.')} "
+          f"({kinds}), plain transformers loads it in {str(plain.dtype).removeprefix('torch.')}")
+    print("| model | decode tokens/s | vs fp32 original |")
+    print("|---|---|---|")
+    for name in models:
+        print(f"| {name} | {speed[name]:.1f} | {speed[name] / speed['fp32 original']:.2f}x |")
+    print(f"first 32 greedy tokens equal to the fp32 original's: {same}"
+          + ("" if same else f" (first difference at token {first_diff})")
+          + f"; plain transformers' default load gives the same tokens as llmshrink's: "
+            f"{torch.equal(plain_tokens, tokens['4-bit, no dtype='])}; the same checkpoint loaded in float32 gives "
+            f"the same tokens: {torch.equal(exact_tokens, tokens['4-bit, no dtype='])}")
+    print(f"4-bit text: {tokenizer.decode(tokens['4-bit, no dtype='])!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-generate", action="store_true")
@@ -233,10 +293,17 @@ def main() -> None:
     parser.add_argument("--only-crossover", action="store_true",
                         help="only the rows at which dequantize + dense beats torch's weight-only matmuls")
     parser.add_argument("--only-gpu", action="store_true", help="only the CUDA benchmarks (scripts/gpu_check.sh)")
+    parser.add_argument("--only-default-load", action="store_true",
+                        help="only the 4-bit checkpoint loaded with no dtype= against the fp32 original")
+    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="how the default-load checkpoint is made")
+    parser.add_argument("--checkpoint", help="an existing 4-bit checkpoint of the default model for the default-load run")
     args = parser.parse_args()
     print(" ".join(sys.argv))
     if args.only_crossover:
         bench_crossover()
+        return
+    if args.only_default_load:
+        bench_default_load(args.new_tokens, method=args.method, checkpoint=args.checkpoint)
         return
     if args.only_gpu:
         if not torch.cuda.is_available():
@@ -248,6 +315,7 @@ def main() -> None:
         bench_cpu()
         if not args.skip_generate:
             bench_generate(args.new_tokens)
+            bench_default_load(args.new_tokens, method=args.method)
     if args.onebit or args.only_onebit:
         bench_onebit(torch.device("cpu"))
     if torch.cuda.is_available():

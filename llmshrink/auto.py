@@ -55,12 +55,14 @@ class AutoModelForCausalLM:
     """`from_pretrained` for plain, GPTQ, delta and packed llmshrink outputs."""
 
     @classmethod
-    def from_pretrained(cls, name: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+    def from_pretrained(cls, name: str | os.PathLike, dtype: torch.dtype | str | None = None,
                         trust_remote_code: bool = False, base_model: str | os.PathLike | None = None,
                         revision: str | None = None, token: str | bool | None = None, **kwargs):
         """Args:
             name: packaged name, folder or Hub id.
-            dtype: torch dtype or its name.
+            dtype: torch dtype or its name; None or "auto": for a GPTQ checkpoint the fast and
+                finite one for the device (`llmshrink.gptq.load.default_load_dtype`: never float16
+                on CPU), float32 for everything else.
             base_model: for a delta or adapter folder, where its base lives (default: the recorded name/path).
             revision: branch, tag or commit of a Hub id (default: main).
             token: Hub token for a Hub id and its base (default: HF_TOKEN or the saved login).
@@ -70,7 +72,7 @@ class AutoModelForCausalLM:
 
         if trust_remote_code:
             raise UsageError("llmshrink never runs a model's remote code; load it with transformers yourself")
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        dtype = None if dtype in (None, "auto") else DTYPES[dtype] if isinstance(dtype, str) else dtype
         resolved = _local_folder(resolve_model(name), revision, token)
         model = cls._load(resolved, name, dtype, base_model, token, **kwargs)
         model.llmshrink_source = resolved  # what push_to_hub uploads: the files as loaded, format kept
@@ -78,27 +80,28 @@ class AutoModelForCausalLM:
         return model
 
     @classmethod
-    def _load(cls, resolved: str, name, dtype: torch.dtype, base_model, token, **kwargs):
+    def _load(cls, resolved: str, name, dtype: torch.dtype | None, base_model, token, **kwargs):
         from transformers import AutoConfig
         from transformers import AutoModelForCausalLM as HFAuto
 
         from .adapters import adapter_base, is_adapter_folder, load_adapter
         from .delta.load import is_delta_folder, load_delta_model
-        from .gptq.load import is_gptq_checkpoint, load_quantized
+        from .gptq.load import default_load_dtype, is_gptq_checkpoint, load_quantized, log_load_dtype
         from .models import resolve_model
         from .pack import is_packed_folder, materialize
 
         if is_packed_folder(resolved):
             resolved = str(materialize(resolved))
         if is_delta_folder(resolved):
-            return load_delta_model(resolved, base_model=base_model, dtype=dtype, **kwargs)
+            return load_delta_model(resolved, base_model=base_model, dtype=dtype or torch.float32, **kwargs)
         if is_adapter_folder(resolved):
             base = base_model or adapter_base(resolved)
             if not base:
                 raise UsageError(f"the adapter in {name} does not record its base model; pass base_model=")
             base_resolved = resolve_model(base)
-            return load_adapter(cls.from_pretrained(base_resolved, dtype=dtype, token=token, **kwargs), resolved,
-                                base_resolved, check_base=base_model is None)
+            # float32 unless asked: the default dtype rule is for GPTQ checkpoints loaded as they are
+            base_loaded = cls.from_pretrained(base_resolved, dtype=dtype or torch.float32, token=token, **kwargs)
+            return load_adapter(base_loaded, resolved, base_resolved, check_base=base_model is None)
         if base_model is not None:
             raise UsageError(f"base_model= is for delta and adapter folders; {name} is neither")
         try:
@@ -108,5 +111,8 @@ class AutoModelForCausalLM:
         if is_gptq_checkpoint(config):
             if kwargs:
                 raise UsageError(f"options {', '.join(kwargs)} are not supported for GPTQ checkpoints")
+            if dtype is None:
+                dtype, why = default_load_dtype(config, "cpu")
+                log_load_dtype(dtype, "cpu", why)
             return load_quantized(resolved, dtype=dtype)
-        return HFAuto.from_pretrained(resolved, dtype=dtype, trust_remote_code=False, **kwargs)
+        return HFAuto.from_pretrained(resolved, dtype=dtype or torch.float32, trust_remote_code=False, **kwargs)

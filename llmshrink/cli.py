@@ -61,7 +61,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     output = check_writable_file(args.output) if args.output else None
     spec = EvalSpec(model=args.model, tasks=args.tasks, limit=args.limit, text_file=args.text_file,
-                    protocol=args.protocol, seqlen=args.seqlen, stride=args.stride, dtype=args.dtype,
+                    protocol=args.protocol, bos=args.bos, seqlen=args.seqlen, stride=args.stride, dtype=args.dtype,
                     batch_tokens=args.batch_tokens, gen_tokens=args.gen_tokens)
     if args.compare:
         a, b = compare_models(spec, args.compare)
@@ -165,6 +165,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .evals.harness import DEFAULT_TASKS
+    from .evals.perplexity import BOS_CHOICES, PROTOCOLS
     from .evals.tasks import PPL_TASKS, TASKS
     from .models import DEFAULT_MODEL
     from .prune import LayerPruneConfig
@@ -182,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {','.join(DEFAULT_TASKS)})")
     p.add_argument("--text-file", help="also report perplexity on a local .txt or .jsonl (field 'text') file")
     p.add_argument("--limit", type=_positive_int, help="first N items of each task and first N documents of each corpus")
-    p.add_argument("--protocol", choices=("gptq", "sliding"), default="gptq", help="perplexity protocol (default gptq)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="gptq",
+                   help="perplexity protocol (default gptq; rolling: lm-eval's rolling loglikelihood)")
+    p.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+                   help="BOS in front of every window (rolling: of every document); auto: when the tokenizer "
+                        "adds one by default")
     p.add_argument("--seqlen", type=_positive_int, default=2048, help="perplexity window (default 2048)")
     p.add_argument("--stride", type=_positive_int, help="sliding protocol stride (default seqlen/2)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

@@ -32,7 +32,7 @@ class CharTokenizer:
     def encode(self, text, add_special_tokens=True):
         return [1 + (ord(c) % (self.vocab_size - 1)) for c in text]
 
-    def __call__(self, text):
+    def __call__(self, text, add_special_tokens=True):
         return type("Enc", (), {"input_ids": self.encode(text)})()
 
 

@@ -594,6 +594,9 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     qc = _quantization_config(config, calib_info, all_stats, requested_group_size, vllm)
     model.config.quantization_config = qc
     model.config.dtype = torch.float16
+    source_config = json.loads((source / "config.json").read_text())
+    # Where the source computes in bf16, float16 may overflow: loads on CUDA read this (see load.py).
+    qc["llmshrink"]["source_dtype"] = source_config.get("dtype", source_config.get("torch_dtype"))
     with atomic_dir(out) as tmp:
         save_shards(tensors, tmp, max_shard_bytes)
         model.config.save_pretrained(tmp)

@@ -25,7 +25,7 @@ from transformers.utils import is_gptqmodel_available, is_optimum_available
 from ..arch import checkpoint_names
 from ..errors import UsageError
 from ..safetensors_io import TensorIndex
-from .load import replace_linears
+from .load import default_load_dtype, log_load_dtype, replace_linears
 
 __all__ = ["LlmshrinkGptqHfQuantizer", "register_with_transformers"]
 
@@ -36,14 +36,34 @@ class LlmshrinkGptqHfQuantizer(HfQuantizer):
     """Loads `checkpoint_format: gptq` checkpoints into llmshrink QuantLinear modules (CPU or GPU)."""
 
     requires_calibration = True  # loads quantized checkpoints only; quantize with llmshrink.quantize
+    _device_map = None  # as transformers passes it (update_device_map)
+    _device = torch.device("cpu")
+    _default_dtype: torch.dtype | None = None  # default_load_dtype, set before the dtype is settled
+    _why = ""
 
     def validate_environment(self, *args, **kwargs):
         qc = self.quantization_config.to_dict()
         if qc.get("checkpoint_format", "gptq") != "gptq":
             raise UsageError(f"checkpoint_format '{qc['checkpoint_format']}' is not read by llmshrink; only 'gptq'")
 
+    def update_device_map(self, device_map):
+        self._device_map = device_map
+        return device_map
+
+    def update_attn_implementation(self, config):
+        """transformers' one hook that sees the config before the dtype is settled: the default
+        load dtype goes into `config.dtype`, which `dtype="auto"` (what transformers passes when
+        the caller gives none) resolves to; an explicit `dtype=` is obeyed as it is."""
+        self._device = _device_of(self._device_map)
+        self._default_dtype, self._why = default_load_dtype(config, self._device)
+        config.dtype = self._default_dtype
+        return config
+
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
-        return dtype or torch.float16
+        if self._default_dtype is not None and dtype in (None, self._default_dtype):
+            dtype = self._default_dtype
+            log_load_dtype(dtype, self._device, self._why)
+        return dtype or torch.float32
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not checkpoint_files:
@@ -67,6 +87,18 @@ class LlmshrinkGptqHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _device_of(device_map) -> torch.device:
+    """The device the weights load to: transformers loads on the CPU without a device_map."""
+    if device_map is None:
+        return torch.device("cpu")
+    if isinstance(device_map, dict):
+        devices = {str(d) for d in device_map.values()}
+        device_map = next((d for d in devices if d not in ("cpu", "disk")), "cpu")
+    if device_map == "auto" or str(device_map).isdigit():
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device_map)
 
 
 def register_with_transformers() -> bool:

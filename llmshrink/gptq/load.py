@@ -14,9 +14,10 @@ from torch import nn
 from ..arch import checkpoint_names
 from ..errors import UsageError
 from ..safetensors_io import TensorIndex
+from .apply import native_bf16_cpu
 from .linear import QuantLinear
 
-__all__ = ["load_quantized", "is_gptq_checkpoint", "quant_method", "replace_linears"]
+__all__ = ["default_load_dtype", "log_load_dtype", "load_quantized", "is_gptq_checkpoint", "quant_method", "replace_linears"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,43 @@ def quant_method(config) -> str | None:
 
 def is_gptq_checkpoint(config) -> bool:
     return quant_method(config) == "gptq"
+
+
+def _dtype_name(dtype) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _needs_bf16(config) -> bool:
+    """Whether a GPTQ checkpoint's config says its model computes in bfloat16: its dtype (tools
+    that keep the source's) or the source dtype llmshrink records; float16 may overflow there."""
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else {})
+    source = (qc.get("llmshrink") or {}).get("source_dtype")
+    return "bfloat16" in (_dtype_name(getattr(config, "dtype", None)), source)
+
+
+def default_load_dtype(config, device: torch.device | str = "cpu") -> tuple[torch.dtype, str]:
+    """The compute dtype of a GPTQ checkpoint loaded without `dtype=`, and why (for the log line).
+
+    On CPU never float16 (torch runs it on the slow dequantize path, and activations of some
+    model families leave its range: NaN logits): bfloat16 where the CPU multiplies bf16 natively
+    (AVX512-BF16 or AMX; torch's int4/int8 weight-only kernels are fast there), else float32. On
+    CUDA the checkpoint's dtype, or bfloat16 where its config says the model needs it.
+    """
+    if torch.device(device).type == "cpu":
+        if native_bf16_cpu():
+            return torch.bfloat16, "this CPU multiplies bf16 natively, where the int4/int8 kernels are fast"
+        return torch.float32, "this CPU has no native bf16 matmul; float16 is slow on CPU and may overflow"
+    if _needs_bf16(config):
+        return torch.bfloat16, "the model's config says it computes in bfloat16"
+    stored = _dtype_name(getattr(config, "dtype", None))
+    return (getattr(torch, stored) if stored else torch.float16), "the checkpoint's dtype"
+
+
+def log_load_dtype(dtype: torch.dtype, device: torch.device | str, why: str) -> None:
+    """The one log line of a default load dtype choice."""
+    logger.info("llmshrink: GPTQ checkpoint loads in %s on %s (%s); pass dtype= to choose",
+                _dtype_name(dtype), torch.device(device).type, why)
 
 
 def _group_size_for(name: str, qc: dict) -> int:
@@ -70,7 +108,8 @@ def replace_linears(model: nn.Module, shapes: dict[str, tuple[int, ...]], qc: di
 
 
 def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """A causal LM whose GPTQ-quantized linears are QuantLinear modules, in eval mode.
+    """A causal LM whose GPTQ-quantized linears are QuantLinear modules, on the CPU in eval mode
+    (`llmshrink.AutoModelForCausalLM` passes `default_load_dtype` where no dtype is asked for).
 
     Which linears are quantized is read from the checkpoint itself (every `*.qweight`), their
     bits from the packed shapes, their group size from the config (and its `dynamic` overrides).
