@@ -21,24 +21,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int, below: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} selects nothing; use a positive number")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} {below}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1, "selects nothing; use a positive number")
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 or more")
-    return value
+    return _whole_number(text, 0, "is negative; use 0 or more")
 
 
 def _ints(text: str) -> tuple[int, ...]:
