@@ -126,6 +126,8 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     if gptq_folder and not packed and record.get("vllm_servable", True):  # llmshrink's own verdict, where it wrote one
         lines += ["", "It is a standard GPTQ checkpoint: transformers (with gptqmodel) and vLLM read it "
                   "without llmshrink:", "", "```bash", f"vllm serve {repo_id}", "```"]
+        if not record.get("vllm_cpu_servable", True):
+            lines += ["", f"On GPUs: vLLM's CPU backend does not serve it ({record['vllm_limit']})."]
     elif gptq_folder and not packed:
         lines += ["", "It is a standard GPTQ checkpoint that transformers (with gptqmodel) and GPTQModel read; "
                   f"vLLM does not serve it ({record.get('vllm_limit', 'see quantization_config')})."]

@@ -416,9 +416,10 @@ def _quantized_linears(config: GPTQConfig, model, layers, spec, layer_prefix: st
     return found
 
 
-def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> tuple[GPTQConfig, str | None]:
+def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> tuple[GPTQConfig, dict]:
     """`config` with a group size that gives every linear whole groups (see GPTQConfig.group_size),
-    and why vLLM cannot serve the result (None if it can; said in one warning line before any work)."""
+    and vLLM's verdict on the result ({"gpu": why not or None, "cpu": ...}; said in one warning
+    line before any work)."""
     linears = _quantized_linears(config, model, layers, spec, layer_prefix)
     if not config.partial_groups:
         widths = [n for mconf, n in linears.values() if mconf.group_size == config.group_size]
@@ -430,11 +431,13 @@ def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) ->
                         linears[odd][1], size, config.group_size)
             config = dataclasses.replace(config, group_size=size)
             linears = _quantized_linears(config, model, layers, spec, layer_prefix)
-    why = vllm_limits({name: (m.bits, m.group_size, m.sym, n) for name, (m, n) in linears.items()},
-                      _stored_desc_act(config))
-    if why:
-        logger.warning("vLLM will not serve this checkpoint: %s", why)
-    return config, why
+    modules = {name: (m.bits, m.group_size, m.sym, n) for name, (m, n) in linears.items()}
+    verdict = {backend: vllm_limits(modules, _stored_desc_act(config), cpu=backend == "cpu") for backend in ("gpu", "cpu")}
+    if verdict["gpu"]:
+        logger.warning("vLLM will not serve this checkpoint: %s", verdict["gpu"])
+    elif verdict["cpu"]:
+        logger.warning("vLLM will serve this checkpoint on GPUs only: %s", verdict["cpu"])
+    return config, verdict
 
 
 def _stored_desc_act(config: GPTQConfig) -> bool:
@@ -459,7 +462,7 @@ def _run_change(saved: dict, now: dict) -> str:
 
 
 def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict, requested_group_size: int,
-                         vllm: str | None) -> dict:
+                         vllm: dict) -> dict:
     qc = {
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
@@ -475,10 +478,10 @@ def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict, requ
     if config.dynamic:
         qc["dynamic"] = config.to_gptq_dynamic()
     qc["llmshrink"] = {"config": config.to_dict(), "act_order": config.desc_act and config.algorithm == "gptq",
-                       "group_size_requested": requested_group_size, "vllm_servable": vllm is None,
-                       "calibration": calib_info, "modules": stats}
-    if vllm:
-        qc["llmshrink"]["vllm_limit"] = vllm
+                       "group_size_requested": requested_group_size, "vllm_servable": vllm["gpu"] is None,
+                       "vllm_cpu_servable": vllm["cpu"] is None, "calibration": calib_info, "modules": stats}
+    if vllm["gpu"] or vllm["cpu"]:
+        qc["llmshrink"]["vllm_limit"] = vllm["gpu"] or vllm["cpu"]
     return qc
 
 

@@ -1,20 +1,22 @@
 """What the readers of GPTQ checkpoints accept, as data: whole groups, and vLLM's limits.
 
-vLLM 0.32 (CPU and GPU) reads symmetric 4- and 8-bit GPTQ with `desc_act: false` (a trivial or
-monotone `g_idx`) and whole groups: it allocates `in_features // group_size` scale rows, so a
-partial last group (576 inputs with group size 128) fails to load. llmshrink's loader and
-GPTQModel read partial groups. Pure functions: the walker and the model card call them.
+vLLM 0.32 reads symmetric GPTQ with `desc_act: false` (a trivial or monotone `g_idx`) and whole
+groups: it allocates `in_features // group_size` scale rows, so a partial last group (576 inputs
+with group size 128) fails to load. Its GPU kernels read 4- and 8-bit, its CPU kernel
+(CPUWNA16) 4-bit only. llmshrink's loader and GPTQModel read all of these. Pure functions: the
+walker and the model card call them.
 """
 
 from __future__ import annotations
 
 import logging
 
-__all__ = ["VLLM_BITS", "whole_group_size", "vllm_limits"]
+__all__ = ["VLLM_BITS", "VLLM_CPU_BITS", "whole_group_size", "vllm_limits"]
 
 logger = logging.getLogger(__name__)
 
 VLLM_BITS = (4, 8)  # symmetric only
+VLLM_CPU_BITS = (4,)
 MIN_GROUP = 32  # smaller groups cost more in scales than they give back
 
 
@@ -34,8 +36,9 @@ def whole_group_size(group_size: int, in_features: list[int]) -> int:
     return group_size
 
 
-def vllm_limits(modules: dict[str, tuple[int, int, bool, int]], desc_act: bool) -> str | None:
-    """Why vLLM cannot serve a checkpoint and what to change, in a sentence, or None if it can.
+def vllm_limits(modules: dict[str, tuple[int, int, bool, int]], desc_act: bool, cpu: bool = False) -> str | None:
+    """Why vLLM (on GPUs; with `cpu`, its CPU backend) cannot serve a checkpoint and what to
+    change, in a sentence, or None if it can.
 
     Args:
         modules: per quantized linear, (bits, group_size, sym, in_features) as the checkpoint
@@ -45,10 +48,12 @@ def vllm_limits(modules: dict[str, tuple[int, int, bool, int]], desc_act: bool) 
     if desc_act:
         return ("desc_act=True: act-order without static groups reorders g_idx, which vLLM no longer reads; "
                 "keep static groups on (the default)")
+    allowed = VLLM_CPU_BITS if cpu else VLLM_BITS
     for name, (bits, group_size, sym, in_features) in modules.items():
-        if bits not in VLLM_BITS:
-            return (f"{name} has bits={bits}: vLLM reads {' and '.join(map(str, VLLM_BITS))}-bit GPTQ; use "
-                    f"bits {' or '.join(map(str, VLLM_BITS))} for a checkpoint vLLM serves")
+        if bits not in allowed:
+            where = "vLLM's CPU kernels read" if cpu else "vLLM reads"
+            return (f"{name} has bits={bits}: {where} {' and '.join(map(str, allowed))}-bit GPTQ; use "
+                    f"bits {' or '.join(map(str, allowed))} for a checkpoint it serves")
         if not sym:
             return f"{name} is asymmetric: vLLM reads symmetric GPTQ only; drop --asym for a checkpoint vLLM serves"
         if group_size != -1 and in_features % group_size:

@@ -37,6 +37,10 @@ TOKENS = 8
 # Mean |log p(token)| difference over TEXT: vLLM bf16 against transformers on the unquantized model
 # measured 0.035-0.047 here; a misread layout (a zero point or a group off) is several times that.
 LOGPROB_TOLERANCE = 0.1
+# Greedy tokens are compared up to the first step where our top two log-probabilities lie closer
+# than this: bf16 rounding, which differs between any two implementations (vLLM and transformers on
+# the unquantized model included, up to 0.34 nats at one token here), decides such near ties.
+NEAR_TIE = 0.5
 
 
 def _vllm(folder: Path, prompts: list[list[int]], tmp_path: Path) -> list[dict]:
@@ -55,9 +59,12 @@ def _ours(folder: Path, prompts: list[list[int]]) -> list[dict]:
     out = []
     with torch.no_grad():
         for ids in prompts:
-            generated = model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False)
+            generated = model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, do_sample=False,
+                                       output_scores=True, return_dict_in_generate=True)
+            top2 = [torch.log_softmax(s[0].float(), -1).topk(2).values for s in generated.scores]
             logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
-            out.append({"tokens": generated[0, len(ids):].tolist(),
+            out.append({"tokens": generated.sequences[0, len(ids):].tolist(),
+                        "margins": [float(v[0] - v[1]) for v in top2],
                         "prompt_logprobs": logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()})
     return out
 
@@ -67,7 +74,12 @@ def _check_served(folder: Path, tokenizer, tmp_path: Path) -> None:
     assert qc["llmshrink"]["vllm_servable"] is True and qc["desc_act"] is False
     prompts = [tokenizer(p).input_ids for p in [*PROMPTS, TEXT]]
     theirs, ours = _vllm(folder, prompts, tmp_path), _ours(folder, prompts)
-    assert [t["tokens"] for t in theirs[:len(PROMPTS)]] == [o["tokens"] for o in ours[:len(PROMPTS)]]
+    compared = 0
+    for t, o in zip(theirs[:len(PROMPTS)], ours[:len(PROMPTS)]):
+        n = next((i for i, m in enumerate(o["margins"]) if m < NEAR_TIE), TOKENS)  # up to the first near tie
+        assert t["tokens"][:n] == o["tokens"][:n], (t["tokens"], o["tokens"], o["margins"])
+        compared += n
+    assert compared >= TOKENS, f"only {compared} greedy tokens were clear of near ties"
     diff = torch.tensor(theirs[-1]["prompt_logprobs"]) - torch.tensor(ours[-1]["prompt_logprobs"])
     assert diff.abs().mean() < LOGPROB_TOLERANCE, diff.abs().mean().item()
 
@@ -81,14 +93,32 @@ def test_vllm_serves_the_quickstart_recipe_output(tmp_path, real_model):
 
 
 @pytest.mark.parametrize("config", [
-    llmshrink.GPTQConfig(bits=8),
-    llmshrink.GPTQConfig(bits=4, dynamic={"re:.*mlp.down_proj": {"bits": 8}, "-:.*layers.0.self_attn.o_proj": {}}),
-    llmshrink.GPTQConfig(bits=4, group_size=32, desc_act=True, static_groups=True, algorithm="rtn"),
-], ids=["8bit-act-order-static", "4bit-dynamic-override", "4bit-g32-rtn"])
+    llmshrink.GPTQConfig(bits=4, desc_act=True, static_groups=True),
+    llmshrink.GPTQConfig(bits=4, dynamic={"re:.*mlp.down_proj": {"group_size": 32}, "-:.*layers.0.self_attn.o_proj": {}}),
+    llmshrink.GPTQConfig(bits=4, group_size=32, algorithm="rtn"),
+], ids=["4bit-act-order-static", "4bit-dynamic-override", "4bit-g32-rtn"])
 def test_vllm_serves_our_checkpoints(tmp_path, real_model, config):
     _, tokenizer, _ = real_model
     out = llmshrink.quantize("smollm2-135m", config, tmp_path / "q", nsamples=8, seqlen=256, progress=False)
     _check_served(out, tokenizer, tmp_path)
+
+
+def test_8bit_is_said_to_be_gpu_only_and_vllm_s_cpu_backend_refuses_it(tmp_path, real_model, caplog):
+    """vLLM 0.32's CPU kernel (CPUWNA16) reads 4-bit GPTQ only: quantize says so before it starts,
+    the checkpoint records it, and vLLM on the CPU indeed does not load it."""
+    _, tokenizer, _ = real_model
+    with caplog.at_level("WARNING"):
+        out = llmshrink.quantize("smollm2-135m", llmshrink.GPTQConfig(bits=8, algorithm="rtn", clip_search=False),
+                                 tmp_path / "q", progress=False)
+    assert any("on GPUs only" in r.getMessage() and "bits=8" in r.getMessage() for r in caplog.records)
+    record = json.loads((out / "config.json").read_text())["quantization_config"]["llmshrink"]
+    assert record["vllm_servable"] is True and record["vllm_cpu_servable"] is False
+    (tmp_path / "prompts.json").write_text(json.dumps([tokenizer(PROMPTS[0]).input_ids]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([PEER, str(CHILD), str(out), str(tmp_path / "prompts.json"), str(tmp_path / "o.json")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode != 0 and "uint8b128" in proc.stdout + proc.stderr
 
 
 def test_vllm_serves_a_layer_pruned_then_quantized_model(tmp_path, real_model):

@@ -274,6 +274,8 @@ def test_whole_groups_and_vllm_limits_math():
     assert "bits=3" in vllm_limits({"a": (3, 64, True, 576)}, desc_act=False)
     assert "asymmetric" in vllm_limits({"a": (8, 64, False, 576)}, desc_act=False)
     assert "desc_act=True" in vllm_limits({"a": (4, 64, True, 576)}, desc_act=True)
+    assert vllm_limits({"a": (8, 64, True, 576)}, desc_act=False) is None  # GPUs read 8-bit ...
+    assert "CPU kernels read 4-bit" in vllm_limits({"a": (8, 64, True, 576)}, desc_act=False, cpu=True)  # its CPU not
 
 
 @pytest.mark.parametrize("config, stored_group, servable", [
