@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ from .calibration import calibration_windows
 from .config import MethodConfig, register_method
 from .errors import Interrupted, UsageError
 from .finetune import SCHEDULES, lr_factor
-from .io import atomic_dir, fingerprint, fingerprint_change, prepare_out
+from .io import atomic_dir, fingerprint, fingerprint_change, prepare_out, tensor_sha256
 from .models import resolve_model
 
 __all__ = ["HealConfig", "RECORD", "add_cli", "checkpoint_dir", "config_from_args", "heal", "heal_loss", "kd_loss",
@@ -448,7 +447,7 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
     windows = calibration_windows(tokenizer, config.calibration, nsamples=config.nsamples, seqlen=config.seqlen,
                                   seed=config.seed)  # [nsamples, seqlen]
     inputs = {"model": fingerprint(resolved), "teacher": fingerprint(teacher_resolved),
-              "windows_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()}
+              "windows_sha256": tensor_sha256(windows)}
     if state is not None and state.get("inputs") != inputs:
         saved = state.get("inputs") or {"model": {"?": {}}}  # older checkpoints recorded no input
         why = next((f"the {role}'s {change}" for role in ("model", "teacher")

@@ -21,7 +21,7 @@ from typing import Iterator
 from .errors import UsageError
 
 __all__ = ["atomic_dir", "atomic_write_json", "check_writable_file", "prepare_out", "folder_size", "cache_dir",
-           "fingerprint", "fingerprint_change", "sha256_file"]
+           "fingerprint", "fingerprint_change", "sha256_file", "tensor_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         while block := f.read(1 << 20):
             sha.update(block)
     return sha.hexdigest()
+
+
+def tensor_sha256(tensor) -> str:
+    """Hex sha256 of a CPU tensor's bytes (calibration windows, for a resumed run to compare)."""
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _header_sha(path: Path) -> str | None:

@@ -10,7 +10,6 @@ layer and writes the same checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
 from ..errors import Interrupted, UsageError
-from ..io import atomic_dir, fingerprint, fingerprint_change, prepare_out
+from ..io import atomic_dir, fingerprint, fingerprint_change, prepare_out, tensor_sha256
 from ..safetensors_io import StoredTensor, TensorIndex, save_shards, save_tensors
 from .algorithm import DEFAULT_SHRINK_GRID, accumulate_hessian, gptq_quantize, rtn_quantize
 from .compat import vllm_limits, whole_group_size
@@ -531,7 +530,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     calib_info = {**calib_info, "dtype": str(dtype).removeprefix("torch.")}
     run_id = {"source": str(source.resolve()), "config": config.to_dict(), "calibration": calib_info,
               "calib_shape": list(calib.shape), "source_files": fingerprint(source),
-              "calib_sha256": hashlib.sha256(calib.long().numpy().tobytes()).hexdigest()}
+              "calib_sha256": tensor_sha256(calib.long())}
     done, tuple_output = 0, False
     if state_file.is_file():
         state = json.loads(state_file.read_text())
