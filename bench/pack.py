@@ -35,7 +35,8 @@ import torch
 import zstandard
 from safetensors.torch import load_file, save_file
 
-from llmshrink import pack_codec, resolve_model
+from llmshrink import resolve_model
+from llmshrink.pack import codec as pack_codec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ZIPNN_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

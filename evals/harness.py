@@ -126,7 +126,7 @@ def score_task(model, tokenizer, task: str, limit: int | None = None, batch_toke
 def weights_size(folder: str | Path) -> int:
     """Bytes of the weight files a model needs: safetensors (packed or not); an adapter folder
     counts its base too (delta folders name theirs by hash and are counted alone)."""
-    from ..adapters import adapter_base, is_adapter_folder
+    from ..heal.adapters import adapter_base, is_adapter_folder
     from ..pack import SUFFIX
 
     size = folder_size(folder, suffixes=(".safetensors", ".bin", SUFFIX))

@@ -26,7 +26,7 @@ HF_MODELS = (None, "hf", "hf-auto", "huggingface")
 
 def loadable_model_args(model_args: dict) -> dict:
     """`model_args` of lm-eval's hf model with `pretrained` rewritten as described above."""
-    from ..adapters import is_adapter_folder
+    from ..heal.adapters import is_adapter_folder
     from ..auto import AutoModelForCausalLM
     from ..delta.load import is_delta_folder
     from ..models import resolve_model, tokenizer_folder

@@ -6,12 +6,12 @@ from .delta.hf import register_with_transformers as _register_delta_with_transfo
 from .errors import UsageError
 from .gptq.config import GPTQConfig, RTNConfig
 from .gptq.hf import register_with_transformers as _register_with_transformers
-from .heal import HealConfig  # llmshrink.heal stays the module (heal.heal is the function)
+from .heal import HealConfig  # llmshrink.heal stays the package (heal.heal is the function)
 from .hub import push_to_hub
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .pack import PackConfig
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
-from .quantize import quantize
+from .gptq.quantize import quantize
 
 __version__ = "0.1.0"
 

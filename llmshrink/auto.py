@@ -84,7 +84,7 @@ class AutoModelForCausalLM:
         from transformers import AutoConfig
         from transformers import AutoModelForCausalLM as HFAuto
 
-        from .adapters import adapter_base, is_adapter_folder, load_adapter
+        from .heal.adapters import adapter_base, is_adapter_folder, load_adapter
         from .delta.load import is_delta_folder, load_delta_model
         from .gptq.load import default_load_dtype, is_gptq_checkpoint, load_quantized, log_load_dtype
         from .models import resolve_model

@@ -7,13 +7,25 @@ user's own .txt/.jsonl file is used whole.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import torch
 
 from .errors import UsageError
 from .evals.data import corpus_documents, load_text_file
 from .evals.loglikelihood import model_max_length
 
-__all__ = ["calibration_text", "calibration_windows", "check_seqlen"]
+__all__ = ["Calibration", "calibration_text", "calibration_windows", "check_seqlen", "resolve_calibration"]
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Text for the steps that need activations (GPTQ, Wanda, layer scores, RTN clip search)."""
+
+    source: str = "wiki"  # the wiki calibration half, or a .txt/.jsonl path
+    nsamples: int = 128
+    seqlen: int = 512
 
 
 def check_seqlen(model_config, seqlen: int, flag: str = "--calib-seqlen") -> None:
@@ -47,3 +59,24 @@ def calibration_windows(tokenizer, source: str = "wiki", nsamples: int = 128, se
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(ids) - seqlen, (nsamples,), generator=g)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def resolve_calibration(tokenizer, calibration: str | torch.Tensor | None = None, nsamples: int = 128,
+                        seqlen: int = 512, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """The one way every method turns its `calibration=` argument into windows.
+
+    Args:
+        tokenizer: the model's tokenizer (unused, and may be None, for token ids).
+        calibration: None for the wiki calibration half, a local .txt/.jsonl path, or
+            [nsamples, seqlen] token ids.
+    Returns:
+        ([n, seqlen] long ids, a JSON-able record of where they came from).
+    """
+    if isinstance(calibration, torch.Tensor):
+        return calibration.long(), {"source": "tensor", "shape": list(calibration.shape)}
+    if tokenizer is None:
+        raise UsageError("calibration text needs the model's tokenizer; pass tokenizer= or token ids")
+    source = calibration or "wiki"
+    windows = calibration_windows(tokenizer, source, nsamples, seqlen, seed)
+    return windows, {"source": "wiki (calibration half)" if source == "wiki" else os.path.basename(source),
+                     "nsamples": nsamples, "seqlen": seqlen, "seed": seed}

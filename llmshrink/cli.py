@@ -81,7 +81,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     import time
 
     from .gptq.config import GPTQConfig
-    from .quantize import quantize
+    from .gptq.quantize import quantize
 
     config = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
                         damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,

@@ -1,8 +1,9 @@
-"""Method configs and the registry that maps each config type to the function that applies it.
+"""The base of every method's config.
 
 Every compression method is one small `@dataclass` subclassing `MethodConfig`, with a `METHOD`
-name and a `VERSION`. Configs round-trip through JSON (`to_dict` / `config_from_dict`): unknown
-keys warn and name the nearest known key, unknown methods and newer versions fail clearly.
+name and a `VERSION`; its folder registers it with `llmshrink.methods.register`. Configs
+round-trip through JSON (`to_dict` / `llmshrink.methods.config_from_dict`): unknown keys warn and
+name the nearest known key, unknown methods and newer versions fail clearly.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from .errors import UsageError
 
-__all__ = ["MethodConfig", "register_method", "config_from_dict", "METHODS"]
+__all__ = ["MethodConfig"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,29 +53,3 @@ class MethodConfig:
                            f"; did you mean '{near[0]}'?" if near else "")
             data.pop(key)
         return cls(**data)
-
-
-# method name -> (config class, apply function)
-METHODS: dict[str, tuple[type[MethodConfig], Callable]] = {}
-
-
-def register_method(config_cls: type[MethodConfig]) -> Callable[[Callable], Callable]:
-    """Decorator: `@register_method(GPTQConfig)` on the function that applies GPTQConfig."""
-
-    def wrap(fn: Callable) -> Callable:
-        if config_cls.METHOD in METHODS:
-            raise ValueError(f"method '{config_cls.METHOD}' is already registered")
-        METHODS[config_cls.METHOD] = (config_cls, fn)
-        return fn
-
-    return wrap
-
-
-def config_from_dict(data: dict[str, Any]) -> MethodConfig:
-    """Rebuild any registered method's config from its `to_dict` form."""
-    method = data.get("method")
-    if method not in METHODS:
-        near = difflib.get_close_matches(str(method), list(METHODS), n=1)
-        raise UsageError(f"unknown method '{method}'" + (f"; did you mean '{near[0]}'?" if near else "")
-                         + f"; known: {', '.join(sorted(METHODS)) or 'none'}")
-    return METHODS[method][0].from_dict(data)

@@ -15,7 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-MISSING="zstandard==0.23.0"  # imported by llmshrink.pack_codec; absent from the device's package list
+MISSING="zstandard==0.23.0"  # imported by llmshrink.pack.codec; absent from the device's package list
 
 if [ "${1:-}" = "--prepare" ]; then
   exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")" || exit 1

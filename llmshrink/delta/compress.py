@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import register_method
 from ..errors import UsageError
 from ..io import atomic_dir, prepare_out
 from ..safetensors_io import TensorIndex, save_tensors
@@ -162,7 +161,6 @@ def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str,
             "autocast": "bfloat16" if autocast.fast_dtype == torch.bfloat16 and native_bf16_cpu() else "off"}
 
 
-@register_method(DeltaConfig)
 def compress_delta(base, finetuned, config: DeltaConfig, out: str | os.PathLike,
                    calibration: str | torch.Tensor | None = None, nsamples: int = 128, seqlen: int = 256,
                    revision: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:

@@ -63,7 +63,7 @@ def _calibration_kwargs(recipe: Recipe) -> dict:
 
 
 def _quantize(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
-    from ..quantize import quantize
+    from ..gptq.quantize import quantize
 
     quantize(src, config, dest, seed=recipe.seed, progress=progress, **_calibration_kwargs(recipe))
 

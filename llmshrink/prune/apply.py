@@ -18,7 +18,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import arch_for, decoder_layers
-from ..config import register_method
 from ..errors import UsageError
 from ..io import atomic_dir, prepare_out
 from . import algorithm
@@ -218,8 +217,6 @@ def prune_weights(model: nn.Module, config: WeightPruneConfig, calib: torch.Tens
     return reached
 
 
-@register_method(LayerPruneConfig)
-@register_method(WeightPruneConfig)
 def prune(model, config: LayerPruneConfig | WeightPruneConfig, calibration: str | torch.Tensor | None = None,
           tokenizer=None, nsamples: int = 64, seqlen: int = 512, seed: int = 0, progress: bool = True):
     """Prune `model` in place with `config` and return it (a normal transformers model).

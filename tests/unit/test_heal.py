@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from llmshrink import UsageError
 from llmshrink.config import METHODS, config_from_dict
 from llmshrink.evals.data import corpus_documents
-from llmshrink.heal import (RECORD, HealConfig, _eval_mode, _load_student, _lora_config, _packed_for_cpu,
+from llmshrink.heal.core import (RECORD, HealConfig, _eval_mode, _load_student, _lora_config, _packed_for_cpu,
                             checkpoint_dir, heal, heal_loss, kd_loss, merge_adapter)
-import llmshrink.heal as heal_mod
+import llmshrink.heal.core as heal_mod
 
 from conftest import char_tokenizer, save_tiny
 
@@ -439,7 +439,7 @@ def test_recipe_runs_in_one_process(folders):
 WRAPPER = """
 import hashlib, json, os, runpy, sys
 import torch
-import llmshrink.heal as heal_mod
+import llmshrink.heal.core as heal_mod
 seen = {}
 real = heal_mod._micro_batch_loss
 def spy(model, *args, **kwargs):

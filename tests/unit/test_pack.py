@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmshrink import pack_codec
+from llmshrink.pack import codec as pack_codec
 from llmshrink.errors import UsageError
 from llmshrink.pack import MANIFEST, add_cli, is_packed_folder, materialize, pack_folder, unpack_folder
 
@@ -270,7 +270,7 @@ def test_failure_midway_leaves_no_half_folder(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("llmshrink.pack.encode_file", failing)
+    monkeypatch.setattr("llmshrink.pack.core.encode_file", failing)
     with pytest.raises(KeyboardInterrupt):
         pack_folder(src, tmp_path / "packed")
     assert not (tmp_path / "packed").exists() and not leftovers(tmp_path)
@@ -328,7 +328,7 @@ def test_materialize_decodes_once_into_the_cache(packed, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMSHRINK_CACHE", str(tmp_path / "cache"))
     out = materialize(packed)
     assert out.parent == tmp_path / "cache" / "unpacked" and tree(out) == tree(tmp_path / "src")
-    monkeypatch.setattr("llmshrink.pack.unpack_folder", lambda *a, **k: pytest.fail("decoded twice"))
+    monkeypatch.setattr("llmshrink.pack.core.unpack_folder", lambda *a, **k: pytest.fail("decoded twice"))
     assert materialize(packed) == out
     (packed / "config.json").write_text('{"model_type": "mistral"}\n')  # a changed copy is not served stale
     monkeypatch.undo()

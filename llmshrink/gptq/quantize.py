@@ -1,4 +1,4 @@
-"""`llmshrink.quantize`: one call from a model and a config to a saved GPTQ checkpoint."""
+"""`llmshrink.quantize` (llmshrink.gptq.quantize): one call from a model and a config to a saved GPTQ checkpoint."""
 
 from __future__ import annotations
 
@@ -8,19 +8,16 @@ from pathlib import Path
 
 import torch
 
-from .calibration import calibration_windows, check_seqlen
-from .config import register_method
-from .errors import UsageError
-from .io import prepare_out
-from .gptq.apply import quantize_checkpoint
-from .gptq.config import GPTQConfig, RTNConfig
-from .models import load_tokenizer, resolve_model
+from ..calibration import calibration_windows, check_seqlen
+from ..errors import UsageError
+from ..io import prepare_out
+from .apply import quantize_checkpoint
+from .config import GPTQConfig, RTNConfig
+from ..models import load_tokenizer, resolve_model
 
 __all__ = ["quantize"]
 
 
-@register_method(RTNConfig)
-@register_method(GPTQConfig)
 def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str | torch.Tensor | None = None,
              nsamples: int = 128, seqlen: int = 512, seed: int = 0, overwrite: bool = False,
              progress: bool = True) -> Path:

@@ -30,12 +30,12 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from .config import MethodConfig, register_method
-from .errors import UsageError
-from .evals.data import corpus_documents
-from .evals.perplexity import perplexity_of_ids
-from .io import atomic_dir, cache_dir, prepare_out
-from .models import DEFAULT_MODEL, PACKAGED_MODELS, resolve_model
+from ..config import MethodConfig
+from ..errors import UsageError
+from ..evals.data import corpus_documents
+from ..evals.perplexity import perplexity_of_ids
+from ..io import atomic_dir, cache_dir, prepare_out
+from ..models import DEFAULT_MODEL, PACKAGED_MODELS, resolve_model
 
 __all__ = ["DOMAIN_EVAL_PASSAGES", "RECORD", "FinetuneConfig", "domain_texts", "domain_eval_text", "domain_perplexity",
            "finetune", "finetuned_model", "lr_factor"]
@@ -199,7 +199,6 @@ def _eval_ppl(model, tokenizer, config: FinetuneConfig) -> float:
     return ppl
 
 
-@register_method(FinetuneConfig)
 def finetune(model_name_or_path: str | Path | None, config: FinetuneConfig, out: str | Path,
              progress: bool = True) -> Path:
     """Fully fine-tune a causal LM on the domain training passages and save it to `out`.

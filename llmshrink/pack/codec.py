@@ -66,7 +66,7 @@ import numpy as np
 import xxhash
 import zstandard
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["FORMAT", "VERSION", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "VERIFY", "encode_file", "iter_decoded",
            "decode_file", "decode_to_file", "read_table"]

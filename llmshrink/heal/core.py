@@ -6,7 +6,7 @@ fine-tune on calibration text wins much of it back. The loss is cross-entropy on
 temperature T, times T^2) or both (`ce+kd`: alpha * KD + (1 - alpha) * CE).
 
 - `lora`: the pruned model in fp32, peft LoRA on every decoder linear; on an llmshrink/GPTQ
-  checkpoint the LoRA layers wrap its packed QuantLinear modules (see `llmshrink.adapters`; such
+  checkpoint the LoRA layers wrap its packed QuantLinear modules (see `llmshrink.heal.adapters`; such
   an adapter cannot be merged). `qlora`: the frozen base in bitsandbytes NF4 (on the CPU every
   quantized linear's output width must divide by 32).
 - Runs through `accelerate.Accelerator`, like `llmshrink.finetune`: one process as is, or N under
@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapters import adapter_mismatch, add_lora, load_adapter, lora_config
-from .calibration import calibration_windows
-from .config import MethodConfig, register_method
-from .errors import Interrupted, UsageError
-from .finetune import SCHEDULES, lr_factor
-from .io import atomic_dir, fingerprint, fingerprint_change, prepare_out, tensor_sha256
-from .models import resolve_model
+from ..calibration import calibration_windows
+from ..config import MethodConfig
+from ..errors import Interrupted, UsageError
+from ..finetune.core import SCHEDULES, lr_factor
+from ..io import atomic_dir, fingerprint, fingerprint_change, prepare_out, tensor_sha256
+from ..models import resolve_model
 
 __all__ = ["HealConfig", "RECORD", "add_cli", "checkpoint_dir", "config_from_args", "heal", "heal_loss", "kd_loss",
            "merge_adapter"]
@@ -202,7 +202,7 @@ def _quantization(resolved: str) -> str | None:
     """The quant_method of a checkpoint's quantization_config ("gptq", ...), or None."""
     from transformers import AutoConfig
 
-    from .gptq.load import quant_method
+    from ..gptq.load import quant_method
 
     return quant_method(AutoConfig.from_pretrained(resolved))
 
@@ -214,7 +214,7 @@ def _load_student(resolved: str, method: str):
 
     quantized = _quantization(resolved)
     if quantized == "gptq" and method == "lora":
-        from .gptq.load import load_quantized
+        from ..gptq.load import load_quantized
 
         return load_quantized(resolved, dtype=torch.float32)
     if quantized is not None:
@@ -353,14 +353,14 @@ def _read_checkpoint(ckpt: Path, config: HealConfig, world: int) -> dict:
 
 def _held_out_ids(tokenizer, config: HealConfig) -> torch.Tensor:
     """[<= eval_windows * eval_seqlen] ids of the first wiki passages (the evaluation half)."""
-    from .evals.data import load_corpus
+    from ..evals.data import load_corpus
 
     ids = torch.tensor(tokenizer(load_corpus("wiki", limit=config.eval_docs)).input_ids, dtype=torch.long)
     return ids[:config.eval_windows * config.eval_seqlen]
 
 
 def _evaluate(model, ids: torch.Tensor, config: HealConfig) -> float:
-    from .evals.perplexity import perplexity_of_ids
+    from ..evals.perplexity import perplexity_of_ids
 
     with _eval_mode(model):
         return perplexity_of_ids(model, ids, seqlen=config.eval_seqlen, protocol="gptq").ppl
@@ -375,7 +375,6 @@ def _micro_batch_loss(model, teacher, x: torch.Tensor, config: HealConfig) -> to
     return heal_loss(model(input_ids=x).logits, x, teacher_logits, config)
 
 
-@register_method(HealConfig)
 def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, teacher: str | os.PathLike | None = None,
          resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Heal a (pruned) model with LoRA or QLoRA and save the adapter, or the merged model, to `out`.

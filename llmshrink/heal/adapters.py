@@ -22,7 +22,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["adapter_base", "adapter_mismatch", "add_lora", "is_adapter_folder", "load_adapter", "lora_config"]
 
@@ -31,7 +31,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def _quant_linear_type():
-    from .gptq.linear import QuantLinear
+    from ..gptq.linear import QuantLinear
 
     return QuantLinear
 

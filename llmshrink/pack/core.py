@@ -1,7 +1,7 @@
 """Lossless packing of checkpoint folders: `llmshrink pack` / `llmshrink unpack`.
 
 `pack_folder` entropy-codes every safetensors file of a folder (single file or sharded, written
-by anyone) with the byte-plane + zstd codec of `llmshrink.pack_codec`; `unpack_folder` gives
+by anyone) with the byte-plane + zstd codec of `llmshrink.pack.codec`; `unpack_folder` gives
 back the original files byte for byte (every chunk checked against its recorded sha256 as it is
 decoded; `verify="both"`, `llmshrink unpack --verify-file`, also recomputes each file's sha256).
 A packed folder:
@@ -39,10 +39,10 @@ from pathlib import Path
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from .config import MethodConfig, register_method
-from .errors import UsageError
-from .io import atomic_dir, cache_dir, prepare_out, sha256_file
-from .pack_codec import DEFAULT_LEVEL, FORMAT, VERIFY, VERSION, decode_to_file, encode_file, read_table
+from ..config import MethodConfig
+from ..errors import UsageError
+from ..io import atomic_dir, cache_dir, prepare_out, sha256_file
+from .codec import DEFAULT_LEVEL, FORMAT, VERIFY, VERSION, decode_to_file, encode_file, read_table
 
 __all__ = ["MANIFEST", "PackConfig", "PackSummary", "pack_folder", "unpack_folder", "is_packed_folder", "materialize", "add_cli"]
 
@@ -135,7 +135,6 @@ def pack(src: str | os.PathLike, config: PackConfig, out: str | os.PathLike, ove
     return pack_folder(src, out, level=config.level, threads=config.threads, overwrite=overwrite, progress=progress)
 
 
-register_method(PackConfig)(pack)
 
 
 def pack_folder(src: str | os.PathLike, out: str | os.PathLike, level: int = DEFAULT_LEVEL, threads: int | None = None,
