@@ -47,7 +47,7 @@ def make_finetuned(folder: Path) -> None:
     """A seeded stand-in for a fine-tune: every decoder weight plus 1% of its std in noise."""
     import torch
 
-    from llmshrink.models import load_model
+    from llmshrink import load_model
 
     model, tokenizer, _ = load_model("smollm2-135m")
     gen = torch.Generator().manual_seed(0)

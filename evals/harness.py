@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..auto import load_model, load_tokenizer
 from ..errors import UsageError
-from ..io import folder_size
-from ..models import DTYPES, load_model, load_tokenizer, resolve_model
+from ..formats import weight_bytes
+from ..gptq.linear import QuantLinear
+from ..models import DTYPES, resolve_model
 from .data import corpus_documents, load_docs, load_text_docs, load_text_file
 from .loglikelihood import loglikelihoods, model_max_length
 from .perplexity import BOS_CHOICES, PROTOCOLS, Encoded, check_windows, encode, score
@@ -124,15 +126,9 @@ def score_task(model, tokenizer, task: str, limit: int | None = None, batch_toke
 
 
 def weights_size(folder: str | Path) -> int:
-    """Bytes of the weight files a model needs: safetensors (packed or not); an adapter folder
-    counts its base too (delta folders name theirs by hash and are counted alone)."""
-    from ..heal.adapters import adapter_base, is_adapter_folder
-    from ..pack import SUFFIX
-
-    size = folder_size(folder, suffixes=(".safetensors", ".bin", SUFFIX))
-    if is_adapter_folder(folder) and adapter_base(folder) and Path(adapter_base(folder)).is_dir():
-        size += weights_size(adapter_base(folder))
-    return size
+    """Bytes of the weight files a model needs, as its format counts them (llmshrink.formats): an
+    adapter folder counts its base too (delta folders name theirs by hash and are counted alone)."""
+    return weight_bytes(folder)
 
 
 def model_stats(model, resolved: str) -> dict:
@@ -143,8 +139,6 @@ def model_stats(model, resolved: str) -> dict:
 
         folder = Path(snapshot_download(resolved, local_files_only=True))
     size = weights_size(folder)
-    from ..gptq.linear import QuantLinear
-
     # Quantized linears hold buffers, not parameters: count the weights they stand for.
     params = model.num_parameters() + sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
                                           for m in model.modules() if isinstance(m, QuantLinear))

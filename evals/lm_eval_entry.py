@@ -17,7 +17,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from ..auto import AutoModelForCausalLM
 from ..errors import UsageError
+from ..formats import open_folder
+from ..models import resolve_model
 
 __all__ = ["main", "loadable_model_args"]
 
@@ -26,27 +29,20 @@ HF_MODELS = (None, "hf", "hf-auto", "huggingface")
 
 def loadable_model_args(model_args: dict) -> dict:
     """`model_args` of lm-eval's hf model with `pretrained` rewritten as described above."""
-    from ..heal.adapters import is_adapter_folder
-    from ..auto import AutoModelForCausalLM
-    from ..delta.load import is_delta_folder
-    from ..models import resolve_model, tokenizer_folder
-    from ..pack import is_packed_folder, materialize
-
     pretrained = model_args.get("pretrained")
     if not isinstance(pretrained, str):
         return model_args
     resolved = resolve_model(pretrained)
     if not Path(resolved).is_dir():
         return model_args  # a Hub id: lm-eval loads it as usual
-    if is_packed_folder(resolved):
-        resolved = str(materialize(resolved, progress=True))
-    args = {**model_args, "pretrained": resolved}
-    if is_adapter_folder(resolved):
+    folder, fmt = open_folder(resolved)  # a packed folder: its decoded copy
+    args = {**model_args, "pretrained": str(folder)}
+    if not fmt.transformers_loads:  # an adapter: loaded here, handed to lm-eval as a model
         dtype = args.pop("dtype", "float32")
-        args["pretrained"] = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype).eval()
-        args.setdefault("tokenizer", tokenizer_folder(resolved))
-    elif is_delta_folder(resolved):
-        args.setdefault("tokenizer", tokenizer_folder(resolved))
+        args["pretrained"] = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    tokenizer = fmt.tokenizer_folder(folder)
+    if tokenizer != str(folder) or not fmt.transformers_loads:  # a delta's is its base's
+        args.setdefault("tokenizer", tokenizer)
     return args
 
 

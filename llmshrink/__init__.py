@@ -1,17 +1,18 @@
 """llmshrink: make Hugging Face language models smaller and cheaper while keeping them good."""
 
-from .auto import AutoModelForCausalLM
+from .auto import AutoModelForCausalLM, load_model, load_tokenizer
 from .delta import DeltaConfig, DeltaModel, compress_delta
 from .delta.hf import register_with_transformers as _register_delta_with_transformers
 from .errors import UsageError
 from .gptq.config import GPTQConfig, RTNConfig
 from .gptq.hf import register_with_transformers as _register_with_transformers
+from .gptq.quantize import quantize
 from .heal import HealConfig  # llmshrink.heal stays the package (heal.heal is the function)
 from .hub import push_to_hub
-from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
+from .methods import compress
+from .models import DEFAULT_MODEL, resolve_model
 from .pack import PackConfig
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
-from .gptq.quantize import quantize
 
 __version__ = "0.1.0"
 
@@ -22,5 +23,5 @@ _register_with_transformers()
 _register_delta_with_transformers()
 
 __all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "HealConfig",
-           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress_delta",
+           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress", "compress_delta",
            "load_model", "load_tokenizer", "prune", "push_to_hub", "quantize", "resolve_model", "__version__"]

@@ -1,8 +1,9 @@
-"""`llmshrink.AutoModelForCausalLM`: loads every llmshrink output, and anything transformers loads.
+"""`llmshrink.AutoModelForCausalLM`, `load_model` and `load_tokenizer`: load every llmshrink
+output, and anything transformers loads.
 
-Packed folders (`llmshrink pack`) are decoded first (into the cache, once); then a delta folder is
-applied to its base, an adapter folder (`llmshrink heal`) is put on its base (loaded through this
-same function, so a GPTQ base works), a GPTQ checkpoint loads into QuantLinear modules, and
+The folder's format (llmshrink.formats) decides how: a packed folder is decoded first (into the
+cache, once), a delta folder is applied to its base, an adapter is put on its base (loaded through
+this same function, so a GPTQ base works), a GPTQ checkpoint loads into QuantLinear modules, and
 anything else goes to transformers."""
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from .errors import UsageError
+from .formats import LoadRequest, open_folder, tokenizer_folder
 from .hub import push_to_hub
+from .models import DTYPES, PACKAGED_MODELS, check_model_folder, resolve_model
 
-__all__ = ["AutoModelForCausalLM"]
+__all__ = ["AutoModelForCausalLM", "load_model", "load_tokenizer"]
 
 
 _NOT_LOADED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ot"]  # never read
@@ -29,11 +33,10 @@ def _local_folder(resolved: str, revision: str | None = None, token: str | bool 
         if revision is not None:
             raise UsageError(f"revision={revision!r} is for Hub ids; '{resolved}' is a local folder: drop revision=")
         return resolved
+    # huggingface_hub is a dependency; imported here only because a local load never needs it
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
-
-    from .models import check_model_folder
 
     try:
         folder = snapshot_download(resolved, revision=revision, token=token, ignore_patterns=_NOT_LOADED)
@@ -52,7 +55,7 @@ def _local_folder(resolved: str, revision: str | None = None, token: str | bool 
 
 
 class AutoModelForCausalLM:
-    """`from_pretrained` for plain, GPTQ, delta and packed llmshrink outputs."""
+    """`from_pretrained` for plain, GPTQ, adapter, delta and packed llmshrink outputs."""
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -68,51 +71,56 @@ class AutoModelForCausalLM:
             token: Hub token for a Hub id and its base (default: HF_TOKEN or the saved login).
             kwargs: passed to transformers for plain checkpoints.
         """
-        from .models import DTYPES, resolve_model
-
         if trust_remote_code:
             raise UsageError("llmshrink never runs a model's remote code; load it with transformers yourself")
         dtype = None if dtype in (None, "auto") else DTYPES[dtype] if isinstance(dtype, str) else dtype
         resolved = _local_folder(resolve_model(name), revision, token)
-        model = cls._load(resolved, name, dtype, base_model, token, **kwargs)
+        folder, fmt = open_folder(resolved)
+        request = LoadRequest(name=str(name), dtype=dtype, base_model=None if base_model is None else str(base_model),
+                              token=token, kwargs=kwargs, load=cls.from_pretrained)
+        model = fmt.load(folder, request)
         model.llmshrink_source = resolved  # what push_to_hub uploads: the files as loaded, format kept
         model.push_to_hub = functools.partial(push_to_hub, model)
         return model
 
-    @classmethod
-    def _load(cls, resolved: str, name, dtype: torch.dtype | None, base_model, token, **kwargs):
-        from transformers import AutoConfig
-        from transformers import AutoModelForCausalLM as HFAuto
 
-        from .heal.adapters import adapter_base, is_adapter_folder, load_adapter
-        from .delta.load import is_delta_folder, load_delta_model
-        from .gptq.load import default_load_dtype, is_gptq_checkpoint, load_quantized, log_load_dtype
-        from .models import resolve_model
-        from .pack import is_packed_folder, materialize
+def _offline_hint(name: str, error: OSError) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    hint = ("it is not in the local Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE=1); "
+            "download it on a connected machine or pass a local folder") if offline else str(error).splitlines()[0]
+    return f"cannot load model '{name}': {hint}; packaged names: {', '.join(PACKAGED_MODELS)}"
 
-        if is_packed_folder(resolved):
-            resolved = str(materialize(resolved))
-        if is_delta_folder(resolved):
-            return load_delta_model(resolved, base_model=base_model, dtype=dtype or torch.float32, **kwargs)
-        if is_adapter_folder(resolved):
-            base = base_model or adapter_base(resolved)
-            if not base:
-                raise UsageError(f"the adapter in {name} does not record its base model; pass base_model=")
-            base_resolved = resolve_model(base)
-            # float32 unless asked: the default dtype rule is for GPTQ checkpoints loaded as they are
-            base_loaded = cls.from_pretrained(base_resolved, dtype=dtype or torch.float32, token=token, **kwargs)
-            return load_adapter(base_loaded, resolved, base_resolved, check_base=base_model is None)
-        if base_model is not None:
-            raise UsageError(f"base_model= is for delta and adapter folders; {name} is neither")
-        try:
-            config = AutoConfig.from_pretrained(resolved, trust_remote_code=False)
-        except OSError as e:
-            raise UsageError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
-        if is_gptq_checkpoint(config):
-            if kwargs:
-                raise UsageError(f"options {', '.join(kwargs)} are not supported for GPTQ checkpoints")
-            if dtype is None:
-                dtype, why = default_load_dtype(config, "cpu")
-                log_load_dtype(dtype, "cpu", why)
-            return load_quantized(resolved, dtype=dtype)
-        return HFAuto.from_pretrained(resolved, dtype=dtype or torch.float32, trust_remote_code=False, **kwargs)
+
+def _tokenizer_of(resolved: str):
+    folder = tokenizer_folder(resolved) if Path(resolved).is_dir() else resolved
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except OSError as e:
+        raise UsageError(_offline_hint(resolved, e)) from None
+
+
+def load_tokenizer(name: str | None = None):
+    """Load the tokenizer of a model given as alias, folder or Hub id."""
+    return _tokenizer_of(resolve_model(name))
+
+
+def load_model(name: str | None = None, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name: alias, folder or Hub id (see `resolve_model`).
+        dtype: float32, bfloat16 or float16.
+        device: torch device string.
+    Returns:
+        (model, tokenizer, resolved) where resolved is the folder or Hub id that was loaded.
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16")
+    resolved = resolve_model(name)
+    tokenizer = _tokenizer_of(resolved)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=DTYPES[dtype])
+    except OSError as e:
+        raise UsageError(_offline_hint(resolved, e)) from None
+    model.to(device).eval()
+    return model, tokenizer, resolved

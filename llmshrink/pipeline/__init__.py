@@ -1,15 +1,16 @@
 """Compression pipelines: `llmshrink run RECIPE.yaml` (see recipe.py for the file, run.py for the run
 folder, report.py for the report)."""
 
+import sys
+
 from .recipe import Recipe, RecipeError, load_recipe, parse_recipe, plan_lines
+from .report import print_summary
 from .run import run_recipe
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe", "plan_lines", "run_recipe"]
 
 
 def _cmd_run(args) -> int:
-    from .report import print_summary
-
     recipe = load_recipe(args.recipe, overrides=args.set or [])
     for line in plan_lines(recipe):
         print(line)
@@ -19,8 +20,6 @@ def _cmd_run(args) -> int:
     try:
         state = run_recipe(recipe, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except KeyboardInterrupt:
-        import sys
-
         print(f"llmshrink: interrupted; finished steps are kept in {recipe.out}: add --resume to carry on",
               file=sys.stderr)
         return 130

@@ -27,27 +27,25 @@ from typing import Any
 
 import yaml
 
-from ..config import METHODS, MethodConfig
+from ..calibration import Calibration
+from ..config import MethodConfig
 from ..errors import UsageError
+from ..evals.perplexity import PROTOCOLS
+from ..evals.tasks import PPL_TASKS, TASKS
+from ..formats import FORMATS
+from ..methods import load_builtin_methods, method_for
+from ..models import DTYPES
 
 __all__ = ["Calibration", "Evaluation", "Recipe", "RecipeError", "load_recipe", "parse_recipe", "plan_lines"]
 
 logger = logging.getLogger(__name__)
 
 TOP_KEYS = ("model", "seed", "calibration", "steps", "evaluate", "out")
+STATE_FILE = "run.json"  # a run folder's state (see run.py)
 
 
 class RecipeError(UsageError):
     """A recipe problem, prefixed with where it is (`file:line:`)."""
-
-
-@dataclasses.dataclass
-class Calibration:
-    """Text for the steps that need activations (GPTQ, Wanda, layer scores, RTN clip search)."""
-
-    source: str = "wiki"  # the wiki calibration half, or a .txt/.jsonl path
-    nsamples: int = 128
-    seqlen: int = 512
 
 
 @dataclasses.dataclass
@@ -207,15 +205,16 @@ def _build(cls: type, data: Any, path: tuple, where: _Where, what: str, skip: tu
 
 def _step(data: Any, i: int, where: _Where) -> MethodConfig:
     path = ("steps", i)
+    methods = load_builtin_methods()
     if not isinstance(data, dict) or "method" not in data:
-        raise where.error(path, f"steps[{i}] needs a 'method' key naming one of: {', '.join(sorted(METHODS))}")
+        raise where.error(path, f"steps[{i}] needs a 'method' key naming one of: {', '.join(sorted(methods))}")
     method = data["method"]
-    if method not in METHODS:
-        near = difflib.get_close_matches(str(method), list(METHODS), n=1)
+    if method not in methods:
+        near = difflib.get_close_matches(str(method), list(methods), n=1)
         raise where.error(path + ("method",), f"steps[{i}]: unknown method '{method}'"
                           + (f"; did you mean '{near[0]}'?" if near else "")
-                          + f"; known: {', '.join(sorted(METHODS))}")
-    cls = METHODS[method][0]
+                          + f"; known: {', '.join(sorted(methods))}")
+    cls = methods[method].config
     version = data.get("version", cls.VERSION)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise where.error(path + ("version",), f"steps[{i}] ({method}): version {version!r} is not a config version; "
@@ -284,39 +283,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 # ----------------------------------------------------------------------------- what each step needs and makes
-
-# What a step's output is: "dense" (a full-precision checkpoint), "quantized" (GPTQ), "adapter"
-# (a peft folder), "delta", "packed".
-def output_kind(config: MethodConfig) -> str:
-    method = config.METHOD
-    if method in ("gptq", "rtn"):
-        return "quantized"
-    if method == "heal":
-        return "dense" if config.merge else "adapter"
-    return {"delta": "delta", "pack": "packed"}.get(method, "dense")
-
-
-def needs_calibration(config: MethodConfig) -> bool:
-    """Whether the step draws calibration windows from the recipe's `calibration` text."""
-    method = config.METHOD
-    if method == "gptq":
-        return True
-    if method == "rtn":
-        return config.clip_search
-    if method == "layer_prune":
-        return config.criterion != "last"
-    if method == "weight_prune":
-        return config.score == "wanda"
-    if method == "delta":
-        return config.distill_steps > 0
-    return False  # heal and finetune read their own text; pack reads none
-
+# (all of it declared by each step's method: llmshrink.methods)
 
 def _check_calibration(recipe: Recipe, where: _Where) -> None:
     if recipe.calibration is not None:
         return
     for i, step in enumerate(recipe.steps):
-        if needs_calibration(step):
+        if method_for(step).calibrated(step):
             raise where.error(("steps", i), f"steps[{i}] ({step.METHOD}) needs calibration text but the recipe has "
                                             "none; add 'calibration: {source: wiki, nsamples: 128, seqlen: 512}'")
 
@@ -334,10 +307,6 @@ def _check_calibration_values(recipe: Recipe, where: _Where) -> None:
 
 
 def _check_evaluation(recipe: Recipe, where: _Where) -> None:
-    from ..evals.perplexity import PROTOCOLS
-    from ..evals.tasks import PPL_TASKS, TASKS
-    from ..models import DTYPES
-
     e = recipe.evaluate
     if e is None:
         return
@@ -361,59 +330,42 @@ def _check_evaluation(recipe: Recipe, where: _Where) -> None:
 
 def check_order(recipe: Recipe, where: _Where | None = None) -> list[str]:
     """Raise RecipeError for steps that cannot follow what came before; return warnings for odd
-    but workable orders."""
+    but workable orders. Each method declares the kinds it accepts (and may add rules of its own);
+    each kind says why a step cannot take it."""
     where = where or _Where(recipe.source, {})
     warnings = []
     kind, before = "dense", "the original model"
     for i, step in enumerate(recipe.steps):
-        method, at = step.METHOD, ("steps", i)
-        name = f"steps[{i}] ({method})"
-        if kind == "packed":
-            raise where.error(at, f"{name} follows pack; pack must be the last step (it only stores bytes smaller)")
-        if kind == "adapter" and method != "pack":
-            raise where.error(at, f"{name} follows a heal step that writes an adapter; set merge: true on that "
-                                  "heal step so later steps get a full model")
-        if kind == "delta" and method != "pack":
-            raise where.error(at, f"{name} cannot follow delta: a delta folder is a difference, not weights to "
-                                  "compress further; put delta last (or before pack)")
-        if kind == "quantized" and method not in ("heal", "pack"):
-            raise where.error(at, f"{name} cannot follow {before}: it needs full-precision weights and the model "
-                                  f"is quantized from there on; put {method} before {before}")
-        if method == "delta" and "layer_prune" in [s.METHOD for s in recipe.steps[:i]]:
-            raise where.error(at, f"{name} stores a difference from the recipe's model, but an earlier layer_prune "
-                                  "changed the architecture; put delta in a recipe without layer pruning")
-        if method == "heal":
-            if kind == "quantized" and step.merge:
-                raise where.error(at, f"{name} after {before} cannot merge into packed weights; set merge: false "
-                                      "(the adapter is kept beside the quantized model)")
-            if kind == "quantized" and step.adapter == "qlora":
-                raise where.error(at, f"{name} after {before}: the model is already quantized; use adapter: lora")
-            if i == 0:
-                warnings.append(f"{where(at)}{name} is the first step: nothing has been pruned or quantized yet, "
-                                "so it fine-tunes the original model")
-        kind, before = output_kind(step), f"steps[{i}] ({method})"
+        method, at = method_for(step), ("steps", i)
+        name = f"steps[{i}] ({step.METHOD})"
+        fmt = FORMATS.get(kind)
+        if (fmt is not None and fmt.final) or ("*" not in method.accepts and kind not in method.accepts):
+            refusal = fmt.refusal if fmt is not None else "{name} cannot follow {before}"
+            raise where.error(at, refusal.format(name=name, before=before, method=step.METHOD))
+        if method.check is not None:
+            try:
+                for warning in method.check(step, input_kind=kind, earlier=recipe.steps[:i], before=before):
+                    warnings.append(f"{where(at)}{name} {warning}")
+            except UsageError as e:
+                raise where.error(at, f"{name} {e}") from None
+        kind, before = method.output_kind(step), name
     return warnings
 
 
-# Fields every plan line shows, whatever their value; the others only when not the default.
-HEADLINE = {"gptq": ("bits", "group_size"), "rtn": ("bits", "group_size"), "layer_prune": ("layers", "criterion"),
-            "weight_prune": ("sparsity", "score", "pattern"), "heal": ("adapter", "loss", "steps"),
-            "delta": ("codec",), "finetune": ("steps",), "pack": ("level",)}
-
-
 def plan_lines(recipe: Recipe) -> list[str]:
-    """Human-readable plan: one line per step with its headline fields and any other non-default ones."""
+    """Human-readable plan: one line per step with its method's headline fields and any other
+    non-default ones."""
     out = [f"recipe {recipe.source}: {recipe.model} -> {recipe.out} (seed {recipe.seed})"]
     for i, step in enumerate(recipe.steps):
-        default = type(step)()
+        method, default = method_for(step), type(step)()
         changed = {f.name: getattr(step, f.name) for f in dataclasses.fields(step)
-                   if f.name in HEADLINE.get(step.METHOD, ()) or getattr(step, f.name) != getattr(default, f.name)}
+                   if f.name in method.headline or getattr(step, f.name) != getattr(default, f.name)}
         settings = " ".join(f"{k}={v}" for k, v in changed.items()) or "(defaults)"
         calib = ""
-        if needs_calibration(step):
+        if method.calibrated(step):
             c = recipe.calibration
             calib = f"  [calibration: {c.source}, {c.nsamples} x {c.seqlen} tokens]"
-        out.append(f"  {i + 1}. {step.METHOD:<12} {settings}{calib}  -> {output_kind(step)}")
+        out.append(f"  {i + 1}. {step.METHOD:<12} {settings}{calib}  -> {method.output_kind(step)}")
     if recipe.evaluate:
         e = recipe.evaluate
         scope = "the original and every step's output" if e.every_step else "the original and the final model"

@@ -12,10 +12,12 @@ import logging
 from pathlib import Path
 
 import yaml
+from tqdm.auto import tqdm
 
+from ..evals.harness import EvalSpec, evaluate_in_fresh_process
+from ..evals.report import print_table, to_markdown
 from ..io import atomic_write_json
-from .recipe import Recipe, plan_lines
-from .run import STATE_FILE
+from .recipe import STATE_FILE, Recipe, plan_lines
 
 __all__ = ["evaluate_run", "final_label", "pareto_points", "plot_pareto", "print_summary", "step_label",
            "write_report"]
@@ -44,10 +46,6 @@ def _models(recipe: Recipe, out: Path, state: dict) -> list[tuple[str, str]]:
 
 def evaluate_run(recipe: Recipe, out: Path, state: dict, progress: bool = True) -> None:
     """Score each model of the run not scored yet; results go into state["evals"] (and run.json)."""
-    from tqdm.auto import tqdm
-
-    from ..evals.harness import EvalSpec, evaluate_in_fresh_process
-
     e = recipe.evaluate
     todo = [(label, model) for label, model in _models(recipe, out, state) if label not in state["evals"]]
     for label, model in tqdm(todo, desc="evaluate", unit="model", disable=not progress or not todo):
@@ -76,7 +74,7 @@ def pareto_points(state: dict) -> list[dict]:
 
 def plot_pareto(points: list[dict], path: Path, title: str) -> None:
     """Perplexity against size on disk; the original is a star, steps are joined in order."""
-    import matplotlib
+    import matplotlib  # lazy: a second of import time, for the one function that draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,8 +100,6 @@ def plot_pareto(points: list[dict], path: Path, title: str) -> None:
 
 
 def _markdown(recipe: Recipe, state: dict) -> str:
-    from ..evals.report import to_markdown
-
     lines = [f"# llmshrink run: {recipe.model} -> {state['final']}", "", "## Plan", "", "```",
              *plan_lines(recipe), "```", "", "## Steps", "", "| step | method | seconds | output |", "|---|---|---|---|"]
     lines += [f"| {i + 1} | {s['method']} | {s['seconds']:.0f} | {s['folder']} ({s['kind']}) |"
@@ -140,8 +136,6 @@ def write_report(recipe: Recipe, out: Path, state: dict) -> None:
 
 def print_summary(state: dict) -> None:
     """The side-by-side table of the original and the final model, in the terminal."""
-    from ..evals.report import print_table
-
     evals = state.get("evals", {})
     if "original" in evals and final_label(state) in evals:
         print_table(evals["original"], evals[final_label(state)])

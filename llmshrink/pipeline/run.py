@@ -8,8 +8,8 @@
       report.md  report.json  pareto.png
 
 `resume=True` keeps every finished step whose config is unchanged and carries on after the last
-one (evaluations already done are kept too). Each step calls the method's own public function
-(quantize, prune, heal, compress_delta, pack, finetune); this file only walks the list.
+one (evaluations already done are kept too). Each step runs its registered method's `run`
+(llmshrink.methods: folder in, folder out); this file only walks the list.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -30,14 +29,14 @@ from ..config import MethodConfig
 from ..errors import Interrupted, UsageError
 from ..hub import EVAL_FILE, RECIPE_FILE
 from ..io import atomic_dir, atomic_write_json, fingerprint, fingerprint_change, prepare_out
-from .recipe import Recipe, needs_calibration, output_kind
+from ..methods import Context, method_for
+from ..models import resolve_model
+from .recipe import STATE_FILE, Recipe
+from .report import evaluate_run, final_label, write_report
 
 __all__ = ["RECIPE_FILE", "STATE_FILE", "run_recipe", "step_folder", "versions"]
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "run.json"
-
 
 def versions() -> dict[str, str]:
     import accelerate
@@ -54,57 +53,6 @@ def step_folder(out: Path, index: int, config: MethodConfig) -> Path:
     return out / "steps" / f"{index + 1:02d}-{config.METHOD}"
 
 
-# ----------------------------------------------------------------------------- one runner per method
-
-def _calibration_kwargs(recipe: Recipe) -> dict:
-    c = recipe.calibration
-    return {} if c is None else {"calibration": None if c.source == "wiki" else c.source,
-                                 "nsamples": c.nsamples, "seqlen": c.seqlen}
-
-
-def _quantize(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
-    from ..gptq.quantize import quantize
-
-    quantize(src, config, dest, seed=recipe.seed, progress=progress, **_calibration_kwargs(recipe))
-
-
-def _prune(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
-    from ..models import load_model
-    from ..prune.apply import prune, save_pruned
-
-    model, tokenizer, _ = load_model(src)
-    prune(model, config, tokenizer=tokenizer, seed=recipe.seed, progress=progress, **_calibration_kwargs(recipe))
-    save_pruned(model, tokenizer, dest)
-
-
-def _heal(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
-    from ..heal import heal
-
-    heal(src, config, dest, teacher=recipe.model if config.loss != "ce" else None, progress=progress)
-
-
-def _finetune(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
-    from ..finetune import finetune
-
-    finetune(src, config, dest, progress=progress)
-
-
-def _delta(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
-    from ..delta.compress import compress_delta
-
-    compress_delta(recipe.model, src, config, dest, progress=progress, **_calibration_kwargs(recipe))
-
-
-def _pack(recipe: Recipe, config, src: str, dest: Path, progress: bool) -> None:
-    from ..pack import pack
-
-    pack(src, config, dest, progress=progress)
-
-
-RUNNERS: dict[str, Callable] = {"gptq": _quantize, "rtn": _quantize, "layer_prune": _prune, "weight_prune": _prune,
-                                "heal": _heal, "finetune": _finetune, "delta": _delta, "pack": _pack}
-
-
 # ----------------------------------------------------------------------------- state
 
 def _as_saved(data):
@@ -114,8 +62,6 @@ def _as_saved(data):
 
 def _inputs(recipe: Recipe) -> dict:
     """Fingerprints of what the run reads (the model, a calibration file), for `resume`."""
-    from ..models import resolve_model
-
     calib = recipe.calibration.source if recipe.calibration is not None else "wiki"
     return {"model": fingerprint(resolve_model(recipe.model)), "calibration": fingerprint(None if calib == "wiki" else calib)}
 
@@ -183,8 +129,6 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Run every step of `recipe`, then evaluate and report. Returns the final state (run.json)."""
-    from .report import evaluate_run, final_label, write_report
-
     out = Path(recipe.out).expanduser().resolve()  # steps record absolute paths (an adapter names its base)
     prepare_out(out, overwrite=True, flag="out")  # writable; what may be in it is checked below
     if resume:
@@ -213,10 +157,10 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
     src = recipe.model if done == 0 else str(step_folder(out, done - 1, recipe.steps[done - 1]))
     for i in range(done, total):
         step = recipe.steps[i]
-        dest = step_folder(out, i, step)
+        method, dest = method_for(step), step_folder(out, i, step)
         bar.set_description(f"pipeline: step {i + 1}/{total} {step.METHOD}")
         logger.info("step %d/%d: %s%s", i + 1, total, step.METHOD,
-                    " (with calibration)" if needs_calibration(step) else "")
+                    " (with calibration)" if method.calibrated(step) else "")
         running = state.get("running")
         if running is not None and (running["index"] != i or running["config"] != _as_saved(step.to_dict())):
             for leftover in (dest, dest.with_name(dest.name + ".partial"), dest.with_name(dest.name + ".checkpoint")):
@@ -229,12 +173,13 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
         torch.manual_seed(recipe.seed)
         started = time.perf_counter()
         try:
-            RUNNERS[step.METHOD](recipe, step, src, dest, progress)
+            method.run(src, step, dest, Context(calibration=recipe.calibration, seed=recipe.seed, progress=progress,
+                                                original=recipe.model))
         except KeyboardInterrupt:
             raise Interrupted(f"the finished steps are kept in {out}: run the same recipe with --resume to continue, "
                               "or with --overwrite to start over") from None
         state["steps"].append({"method": step.METHOD, "config": step.to_dict(), "folder": str(dest.relative_to(out)),
-                               "kind": output_kind(step), "seconds": round(time.perf_counter() - started, 1)})
+                               "kind": method.output_kind(step), "seconds": round(time.perf_counter() - started, 1)})
         state.pop("running")
         _write_state(out, state)
         src = str(dest)

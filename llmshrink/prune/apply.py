@@ -18,6 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import arch_for, decoder_layers
+from ..auto import load_model
+from ..calibration import resolve_calibration
 from ..errors import UsageError
 from ..io import atomic_dir, prepare_out
 from . import algorithm
@@ -26,16 +28,6 @@ from .config import LayerPruneConfig, WeightPruneConfig
 __all__ = ["prune", "layer_scores", "remove_layers", "prune_weights", "save_pruned"]
 
 logger = logging.getLogger(__name__)
-
-
-def _calibration(model, tokenizer, calibration, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    if isinstance(calibration, torch.Tensor):
-        return calibration.long()
-    from ..calibration import calibration_windows
-
-    if tokenizer is None:
-        raise UsageError("calibration text needs the model's tokenizer; pass tokenizer= or token ids")
-    return calibration_windows(tokenizer, calibration or "wiki", nsamples, seqlen, seed)
 
 
 def _hidden_input(args, kwargs) -> torch.Tensor:
@@ -232,17 +224,13 @@ def prune(model, config: LayerPruneConfig | WeightPruneConfig, calibration: str 
         layers removed (saved into config.json by save_pretrained).
     """
     if isinstance(model, (str, os.PathLike)):
-        from ..models import load_model
-
         model, tokenizer, _ = load_model(str(model))
     if not isinstance(config, (LayerPruneConfig, WeightPruneConfig)):
         raise UsageError(f"prune takes a LayerPruneConfig or WeightPruneConfig, not {type(config).__name__}")
-    needs_data = isinstance(config, LayerPruneConfig) and config.criterion != "last" or \
-        isinstance(config, WeightPruneConfig) and config.score == "wanda"
     n_layers = len(decoder_layers(model))
     if isinstance(config, LayerPruneConfig) and config.layers >= n_layers:
         raise UsageError(f"removing {config.layers} of {n_layers} decoder layers leaves none; remove at most {n_layers - 1}")
-    calib = _calibration(model, tokenizer, calibration, nsamples, seqlen, seed) if needs_data else None
+    calib = resolve_calibration(tokenizer, calibration, nsamples, seqlen, seed)[0] if config.needs_calibration() else None
     model.eval()
     record: dict = {"config": config.to_dict()}
     if isinstance(config, LayerPruneConfig):

@@ -38,6 +38,9 @@ class LayerPruneConfig(MethodConfig):
     criterion: str = "block_influence"
     candidates: int = 4
 
+    def needs_calibration(self) -> bool:
+        return self.criterion != "last"  # `last` needs no activations
+
     def validate(self) -> None:
         if self.criterion not in CRITERIA:
             raise UsageError(f"criterion='{self.criterion}' is not known; use one of {', '.join(CRITERIA)}")
@@ -67,6 +70,9 @@ class WeightPruneConfig(MethodConfig):
     score: str = "wanda"
     pattern: str = "unstructured"
     scope: str = "layer"
+
+    def needs_calibration(self) -> bool:
+        return self.score == "wanda"  # magnitude reads the weights only
 
     def validate(self) -> None:
         if not 0 <= self.sparsity < 1:

@@ -5,9 +5,9 @@ import logging
 import pytest
 
 from llmshrink import UsageError
-import llmshrink.config as method_registry
-from llmshrink.config import MethodConfig, config_from_dict, register_method
-from llmshrink.config import METHODS
+import llmshrink.methods as method_registry
+from llmshrink.config import MethodConfig
+from llmshrink.methods import METHODS, Method, config_from_dict, load_builtin_methods, method_for, register
 from llmshrink.gptq.config import GPTQConfig, RTNConfig
 
 
@@ -19,8 +19,10 @@ def test_gptq_config_round_trips_through_json():
 
 
 def test_every_registered_config_round_trips_and_no_field_shadows_the_registry_keys():
-    assert {"gptq", "rtn", "layer_prune", "weight_prune", "heal", "delta"} <= set(METHODS)
-    for name, (cls, _) in METHODS.items():
+    assert {"gptq", "rtn", "layer_prune", "weight_prune", "heal", "delta", "finetune", "pack"} <= set(
+        load_builtin_methods())
+    for name, method in METHODS.items():
+        cls = method.config
         assert not {"method", "version"} & {f.name for f in dataclasses.fields(cls)}, name
         assert config_from_dict(json.loads(json.dumps(cls().to_dict()))) == cls(), name
     rtn = GPTQConfig(algorithm="rtn", bits=3)  # once a field named `method` overwrote the registry key
@@ -67,19 +69,22 @@ def test_newer_versions_and_unknown_methods_fail():
         config_from_dict({"method": "nope"})
 
 
-def test_registry_maps_config_types_to_apply_functions(monkeypatch):
+def test_registry_maps_config_types_to_methods(monkeypatch):
     @dataclasses.dataclass
     class ToyConfig(MethodConfig):
         METHOD = "toy"
         strength: int = 1
 
-    monkeypatch.setattr(method_registry, "METHODS", {})  # a private registry for this test
-
-    @register_method(ToyConfig)
-    def apply_toy(model, config):
-        return model * config.strength
-
+    monkeypatch.setattr(method_registry, "METHODS", {"gptq": METHODS["gptq"]})  # a private registry for this test
+    toy = register(Method(config=ToyConfig, run=lambda source, config, out, context: None, output="dense"))
     assert config_from_dict({"method": "toy", "strength": 3}) == ToyConfig(strength=3)
-    assert method_registry.METHODS["toy"][1](2, ToyConfig(strength=3)) == 6
+    assert method_for(ToyConfig(strength=3)) is toy and method_for("toy") is toy
     with pytest.raises(ValueError, match="already registered"):
-        register_method(ToyConfig)(apply_toy)
+        register(Method(config=ToyConfig, run=toy.run))
+
+    @dataclasses.dataclass
+    class Impostor(MethodConfig):  # claims the name, is not the registered config
+        METHOD = "toy"
+
+    with pytest.raises(UsageError, match="Impostor is not the config of method 'toy'"):
+        method_for(Impostor())

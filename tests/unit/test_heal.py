@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from llmshrink import UsageError
-from llmshrink.config import METHODS, config_from_dict
+from llmshrink.methods import config_from_dict, method_for
 from llmshrink.evals.data import corpus_documents
 from llmshrink.heal.core import (RECORD, HealConfig, _eval_mode, _load_student, _lora_config, _packed_for_cpu,
                             checkpoint_dir, heal, heal_loss, kd_loss, merge_adapter)
@@ -47,7 +47,7 @@ def adapter_weights(folder) -> dict[str, torch.Tensor]:
 def test_config_round_trips_and_is_registered():
     config = HealConfig(adapter="qlora", loss="kd", alpha=0.3, steps=7)
     assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert METHODS["heal"] == (HealConfig, heal)
+    assert method_for("heal").config is HealConfig
 
 
 @pytest.mark.parametrize("bad, word", [
@@ -404,7 +404,7 @@ def test_gptq_checkpoint_refuses_merge_and_qlora(folders, gptq_folder):
 
 
 def test_cli_parses_into_the_same_config(folders):
-    from llmshrink.cli import _Parser
+    from llmshrink.cliargs import Parser as _Parser
     from llmshrink.heal import add_cli, config_from_args
 
     parser = _Parser(prog="llmshrink")

@@ -1,6 +1,7 @@
 """Pipelines (`llmshrink run`) on a tiny Llama folder: recipe validation with file:line, the run
 folder, the final model's recipe record, the report, and --resume after a crash."""
 
+import dataclasses
 import json
 import logging
 import textwrap
@@ -12,10 +13,9 @@ import yaml
 
 import llmshrink
 from llmshrink.cli import main as cli_main
-from llmshrink.config import config_from_dict
+from llmshrink.methods import METHODS, config_from_dict
 from llmshrink.evals.data import corpus_documents
 from llmshrink.pipeline import RecipeError, load_recipe, run_recipe
-from llmshrink.pipeline import run as run_mod
 from llmshrink.pipeline.run import RECIPE_FILE, STATE_FILE
 
 from conftest import save_tiny
@@ -198,19 +198,19 @@ def test_resume_after_a_crash_keeps_finished_steps(tiny, monkeypatch):
         - {method: rtn, bits: 4, group_size: 16, clip_search: false}
     """))
     calls = []
-    real = dict(run_mod.RUNNERS)
+    real = {name: METHODS[name] for name in ("layer_prune", "weight_prune", "rtn")}
 
-    def counting(name, crash=False):
-        def runner(*args, **kwargs):
+    def counting(name, crash=False):  # the registered method, counted (and crashing on request)
+        def run(*args, **kwargs):
             calls.append(name)
             if crash:
                 raise KeyboardInterrupt
-            return real[name](*args, **kwargs)
-        return runner
+            return real[name].run(*args, **kwargs)
+        return dataclasses.replace(real[name], run=run)
 
-    monkeypatch.setitem(run_mod.RUNNERS, "layer_prune", counting("layer_prune"))
-    monkeypatch.setitem(run_mod.RUNNERS, "weight_prune", counting("weight_prune"))
-    monkeypatch.setitem(run_mod.RUNNERS, "rtn", counting("rtn", crash=True))
+    monkeypatch.setitem(METHODS, "layer_prune", counting("layer_prune"))
+    monkeypatch.setitem(METHODS, "weight_prune", counting("weight_prune"))
+    monkeypatch.setitem(METHODS, "rtn", counting("rtn", crash=True))
     with pytest.raises(KeyboardInterrupt, match="finished steps are kept in .*--resume to continue"):
         run_recipe(load_recipe(path), progress=False)
     state = json.loads((out / STATE_FILE).read_text())
@@ -222,7 +222,7 @@ def test_resume_after_a_crash_keeps_finished_steps(tiny, monkeypatch):
         run_recipe(load_recipe(path, [f"out={tiny['root']}"]), overwrite=True, progress=False)
     assert Path(tiny["model"]).is_dir()
 
-    monkeypatch.setitem(run_mod.RUNNERS, "rtn", counting("rtn"))
+    monkeypatch.setitem(METHODS, "rtn", counting("rtn"))
     calls.clear()
     run_recipe(load_recipe(path), resume=True, progress=False)
     assert calls == ["rtn"]

@@ -1,0 +1,122 @@
+"""Pieces every sub-command's parser shares: the one-line-error parser, argument types, and
+flags whose defaults are read from a method config's dataclass fields (so defaults live once)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from .calibration import Calibration
+from .errors import UsageError
+from .methods import compress
+
+__all__ = ["Parser", "add_config_flags", "add_method_command", "count", "field_default", "field_docs", "ints",
+           "positive_int", "tasks"]
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, instead of usage + message
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _whole_number(text: str, minimum: int, below: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} {below}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1, "selects nothing; use a positive number")
+
+
+def count(text: str) -> int:
+    return _whole_number(text, 0, "is negative; use 0 or more")
+
+
+def ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers") from None
+
+
+def tasks(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def field_default(config_cls: type, name: str):
+    """The default of field `name` of a config dataclass."""
+    for f in dataclasses.fields(config_cls):
+        if f.name == name:
+            return f.default_factory() if f.default is dataclasses.MISSING else f.default
+    raise KeyError(f"{config_cls.__name__} has no field '{name}'")
+
+
+def field_docs(config_cls: type) -> dict[str, str]:
+    """Each field's text from the config's docstring `Args:` section (`name: text`, continued on
+    more deeply indented lines)."""
+    docs, current, in_args = {}, None, False
+    for line in (config_cls.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Args:":
+            in_args = True
+            continue
+        if not in_args or not stripped:
+            continue
+        head, sep, text = stripped.partition(":")
+        names = [n.strip() for n in head.split(",")]
+        if sep and all(n.isidentifier() for n in names) and len(line) - len(line.lstrip()) <= 8:
+            for n in names:
+                docs[n] = text.strip()
+            current = names
+        elif current:
+            for n in current:
+                docs[n] += " " + stripped
+    return docs
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` flag per field of `config_cls` (type and default from the field, help from
+    the docstring); booleans get `--name/--no-name`."""
+    docs = field_docs(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        default = field_default(config_cls, f.name)
+        flag, text = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif isinstance(default, (int, float, str)):
+            parser.add_argument(flag, dest=f.name, type=type(default), default=default,
+                                help=f"{text} (default {default})".strip())
+        # other field types (None defaults, tuples, dicts) are set in recipes, not flags
+
+
+def add_method_command(subparsers, method, command: str, help: str) -> argparse.ArgumentParser:
+    """A sub-command for `method` made from its config alone: --model, --out, --overwrite, one flag
+    per config field, and calibration flags when the method calibrates; it runs `compress`."""
+    p = subparsers.add_parser(command, help=help, description=help)
+    p.add_argument("--model", default=None, help="packaged name, local folder or Hub id (default the packaged model)")
+    p.add_argument("--out", required=True, help="folder to write")
+    add_config_flags(p, method.config)
+    p.add_argument("--calib-file", help="local .txt/.jsonl calibration text (default: the wiki calibration half)")
+    p.add_argument("--nsamples", type=positive_int, default=field_default(Calibration, "nsamples"))
+    p.add_argument("--calib-seqlen", type=positive_int, default=field_default(Calibration, "seqlen"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    def run(args: argparse.Namespace) -> int:
+        config = method.config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(method.config)
+                                  if hasattr(args, f.name)})
+        calibration = Calibration(source=args.calib_file or "wiki", nsamples=args.nsamples, seqlen=args.calib_seqlen)
+        out = compress(args.model, config, args.out, calibration=calibration, seed=args.seed,
+                       overwrite=args.overwrite)
+        print(f"{method.name} output written to {out}")
+        return 0
+
+    p.set_defaults(func=run)
+    return p

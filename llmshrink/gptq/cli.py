@@ -1,0 +1,63 @@
+"""`llmshrink quantize`: GPTQ (or RTN) into a standard GPTQ checkpoint. Defaults are GPTQConfig's."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..cliargs import field_default, positive_int
+from ..models import DEFAULT_MODEL
+from .config import GPTQConfig
+from .quantize import quantize
+
+__all__ = ["add_cli"]
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    config = GPTQConfig(bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=not args.asym,
+                        damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,
+                        static_groups=args.static_groups, algorithm=args.method, clip_search=not args.no_clip_search,
+                        calib_dtype=args.calib_dtype, lm_head=args.lm_head, partial_groups=args.partial_groups)
+    started = time.perf_counter()
+    out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
+                   seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
+    stored = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
+    print(f"{config.algorithm} {config.bits}-bit g{stored['group_size']} checkpoint written to {out} "
+          f"in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    """Add the `quantize` sub-command."""
+    d = lambda name: field_default(GPTQConfig, name)  # noqa: E731
+    p = subparsers.add_parser("quantize", help="GPTQ (or RTN) weight quantization into a standard GPTQ checkpoint",
+                              description="Quantize a model layer by layer and save a GPTQ checkpoint.")
+    p.add_argument("--model", default=None, help=f"packaged name, local folder or Hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--bits", type=int, default=d("bits"), help=f"2, 3, 4 or 8 (default {d('bits')})")
+    p.add_argument("--group-size", type=int, default=d("group_size"),
+                   help=f"input channels per group, -1 for none (default {d('group_size')})")
+    p.add_argument("--method", choices=("gptq", "rtn"), default=d("algorithm"))
+    p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=d("desc_act"),
+                   help="act-order: quantize columns by decreasing activation energy (default on)")
+    p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=d("static_groups"),
+                   help="with act-order, keep groups contiguous in the original order, so g_idx stays "
+                        "monotone and fast kernels need no reordering (default on)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid (default symmetric)")
+    p.add_argument("--no-true-sequential", action="store_true")
+    p.add_argument("--no-clip-search", action="store_true", help="plain min/max ranges (textbook GPTQ)")
+    p.add_argument("--lm-head", action="store_true", help="also quantize the output head (unties a tied one)")
+    p.add_argument("--partial-groups", action="store_true",
+                   help="keep --group-size where it does not divide a linear's inputs (a partial last group; "
+                        "vLLM cannot read it); by default the size is halved until every linear has whole groups")
+    p.add_argument("--calib-dtype", default=d("calib_dtype"), choices=["auto", "float32", "bfloat16"],
+                   help="dtype of the calibration forwards (auto: bfloat16 where the CPU/GPU has native bf16 matmul)")
+    p.add_argument("--damp-percent", type=float, default=d("damp_percent"))
+    p.add_argument("--calib-file", help="local .txt/.jsonl calibration text (default: the wiki calibration half)")
+    p.add_argument("--nsamples", type=positive_int, default=128)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_quantize)

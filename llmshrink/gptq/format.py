@@ -1,0 +1,64 @@
+"""The GPTQ checkpoint format: a standard GPTQ folder (`quantization_config.quant_method: gptq`)
+loads into QuantLinear modules; its card offers `vllm serve` where llmshrink judged vLLM can."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UsageError
+from ..formats import Format, LoadRequest, register_format
+from .load import default_load_dtype, load_quantized, log_load_dtype
+
+__all__ = ["GPTQ_FORMAT", "quantization_config"]
+
+
+def quantization_config(folder: Path) -> dict:
+    """config.json's quantization_config (empty when there is none or no config)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}  # resolve_model's folder check reports a broken config.json before any load
+
+
+def _detect(folder: Path) -> bool:
+    return quantization_config(folder).get("quant_method") == "gptq"
+
+
+def _load(folder: Path, request: LoadRequest):
+    from transformers import AutoConfig
+
+    if request.base_model is not None:
+        raise UsageError(f"base_model= is for delta and adapter folders; {request.name} is neither")
+    if request.kwargs:
+        raise UsageError(f"options {', '.join(request.kwargs)} are not supported for GPTQ checkpoints")
+    dtype = request.dtype
+    if dtype is None:
+        dtype, why = default_load_dtype(AutoConfig.from_pretrained(folder, trust_remote_code=False), "cpu")
+        log_load_dtype(dtype, "cpu", why)
+    return load_quantized(folder, dtype=dtype)
+
+
+def _describe(folder: Path) -> tuple[str, list[str]]:
+    return "transformers", ["gptq", f"{quantization_config(folder)['bits']}-bit"]
+
+
+def _card_lines(folder: Path, repo_id: str) -> list[str]:
+    record = quantization_config(folder).get("llmshrink", {})
+    if record.get("vllm_servable", True):  # llmshrink's own verdict, where it wrote one
+        lines = ["", "It is a standard GPTQ checkpoint: transformers (with gptqmodel) and vLLM read it "
+                 "without llmshrink:", "", "```bash", f"vllm serve {repo_id}", "```"]
+        if not record.get("vllm_cpu_servable", True):
+            lines += ["", f"On GPUs: vLLM's CPU backend does not serve it ({record['vllm_limit']})."]
+        return lines
+    return ["", "It is a standard GPTQ checkpoint that transformers (with gptqmodel) and GPTQModel read; "
+            f"vLLM does not serve it ({record.get('vllm_limit', 'see quantization_config')})."]
+
+
+GPTQ_FORMAT = register_format(Format(
+    name="quantized", priority=40, detect=_detect, load=_load, describe=_describe, card_lines=_card_lines,
+    refusal="{name} cannot follow {before}: it needs full-precision weights and the model is quantized from "
+            "there on; put {method} before {before}"))
