@@ -50,7 +50,7 @@ def _all_docs(task: str) -> tuple[dict, ...]:
     if path.name.endswith(".jsonl.gz"):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             return tuple(json.loads(line)["request"] for line in f if line.strip())
-    from datasets import Dataset
+    from datasets import Dataset  # lazy: datasets takes seconds to import, and only these two readers need it
 
     arrows = sorted(path.glob("*.arrow"))
     if not arrows:
@@ -119,7 +119,7 @@ def load_text_file(path: str | Path, limit: int | None = None) -> str:
 
 def load_text_docs(path: str | Path, limit: int | None = None) -> list[str]:
     """The first `limit` documents of a local .txt (paragraphs) or .jsonl/.json (field `text`) file."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazy, as above
 
     p = Path(path)
     if p.is_dir():

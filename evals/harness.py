@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig
 
 from ..auto import load_model, load_tokenizer
 from ..errors import UsageError
@@ -82,8 +84,6 @@ def validate(spec: EvalSpec) -> EvalSpec:
     resolved = resolve_model(spec.model)
     needs_ppl = spec.text_file or any(t in PPL_TASKS for t in spec.tasks)
     if needs_ppl:
-        from transformers import AutoConfig
-
         try:
             config = AutoConfig.from_pretrained(resolved, trust_remote_code=False)
         except OSError:
@@ -135,8 +135,6 @@ def model_stats(model, resolved: str) -> dict:
     """Size of the weight files on disk, parameter count and bits per parameter."""
     folder = Path(resolved)
     if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
         folder = Path(snapshot_download(resolved, local_files_only=True))
     size = weights_size(folder)
     # Quantized linears hold buffers, not parameters: count the weights they stand for.

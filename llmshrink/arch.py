@@ -103,7 +103,7 @@ def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     (GPT-NeoX saves `lm_head` as `embed_out`, for one). Keys are returned unchanged when
     transformers has no mapping API; a model whose weights transformers must convert on load
     (fused or split tensors) is refused, since the walker loads tensors one by one."""
-    try:
+    try:  # inside: these transformers modules exist only from 5.x on
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
     except ImportError:

@@ -13,6 +13,9 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                    RevisionNotFoundError)
 from transformers import AutoTokenizer
 
 from .errors import UsageError
@@ -33,11 +36,6 @@ def _local_folder(resolved: str, revision: str | None = None, token: str | bool 
         if revision is not None:
             raise UsageError(f"revision={revision!r} is for Hub ids; '{resolved}' is a local folder: drop revision=")
         return resolved
-    # huggingface_hub is a dependency; imported here only because a local load never needs it
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
     try:
         folder = snapshot_download(resolved, revision=revision, token=token, ignore_patterns=_NOT_LOADED)
         check_model_folder(folder)

@@ -10,7 +10,7 @@ from .calibration import Calibration
 from .errors import UsageError
 from .methods import compress
 
-__all__ = ["Parser", "add_config_flags", "add_method_command", "count", "field_default", "field_docs", "ints",
+__all__ = ["Parser", "add_config_flags", "add_method_command", "add_run_flags", "count", "field_default", "field_docs", "ints",
            "positive_int", "tasks"]
 
 
@@ -96,6 +96,16 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: tu
         # other field types (None defaults, tuples, dicts) are set in recipes, not flags
 
 
+def add_run_flags(parser: argparse.ArgumentParser, nsamples: int, seqlen: int,
+                  text: str = "local .txt/.jsonl calibration text") -> None:
+    """The flags every compressing command ends with: calibration text and windows, seed, overwrite."""
+    parser.add_argument("--calib-file", help=f"{text} (default: the wiki calibration half)")
+    parser.add_argument("--nsamples", type=positive_int, default=nsamples)
+    parser.add_argument("--calib-seqlen", type=positive_int, default=seqlen)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
 def add_method_command(subparsers, method, command: str, help: str) -> argparse.ArgumentParser:
     """A sub-command for `method` made from its config alone: --model, --out, --overwrite, one flag
     per config field, and calibration flags when the method calibrates; it runs `compress`."""
@@ -103,11 +113,7 @@ def add_method_command(subparsers, method, command: str, help: str) -> argparse.
     p.add_argument("--model", default=None, help="packaged name, local folder or Hub id (default the packaged model)")
     p.add_argument("--out", required=True, help="folder to write")
     add_config_flags(p, method.config)
-    p.add_argument("--calib-file", help="local .txt/.jsonl calibration text (default: the wiki calibration half)")
-    p.add_argument("--nsamples", type=positive_int, default=field_default(Calibration, "nsamples"))
-    p.add_argument("--calib-seqlen", type=positive_int, default=field_default(Calibration, "seqlen"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_run_flags(p, field_default(Calibration, "nsamples"), field_default(Calibration, "seqlen"))
 
     def run(args: argparse.Namespace) -> int:
         config = method.config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(method.config)

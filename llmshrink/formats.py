@@ -15,6 +15,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from transformers import AutoModelForCausalLM as HFAuto
+
 from .errors import UsageError
 from .io import folder_size
 from .methods import load_builtin_methods
@@ -108,9 +111,6 @@ def weight_bytes(folder: str | os.PathLike) -> int:
 
 
 def _load_dense(folder: Path, request: LoadRequest):
-    import torch
-    from transformers import AutoModelForCausalLM as HFAuto
-
     if request.base_model is not None:
         raise UsageError(f"base_model= is for delta and adapter folders; {request.name} is neither")
     try:

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 
 import yaml
+from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .errors import UsageError
 from .evals.report import to_markdown
@@ -117,8 +119,6 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
 # ----------------------------------------------------------------------------- pushing
 
 def _check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -146,8 +146,6 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool = False, 
     Returns:
         The URL of the commit (or of the repo when nothing changed).
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
-
     folder = Path(folder)
     if constants.HF_HUB_OFFLINE:
         raise UsageError("the Hub is offline here (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE (or set it to 0) "

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, AutoTokenizer
+from transformers import __version__ as transformers_version
 
 from .errors import UsageError
 from .io import atomic_dir, cache_dir, sha256_file
@@ -82,8 +84,6 @@ def convert_gguf(gguf_path: Path, out: Path) -> Path:
     model, so the weights move into a model built `from_config` without the GGUF
     quantization_config. Written to a temp folder and renamed: an interrupt leaves nothing behind.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = str(gguf_path.parent), gguf_path.name
     logger.info("converting %s to a transformers folder (once) ...", gguf_path)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -146,8 +146,6 @@ def check_model_folder(path: str | os.PathLike) -> None:
                              "fix the file or re-save the model") from None
         except (UnicodeDecodeError, AttributeError):
             raise UsageError(f"{config} is not a JSON object in UTF-8; fix the file or re-save the model") from None
-        from transformers import CONFIG_MAPPING, __version__ as transformers_version
-
         if model_type is not None and model_type not in CONFIG_MAPPING:
             raise UsageError(f"{config} has model_type '{model_type}', which transformers {transformers_version} "
                              "does not know; upgrade transformers (pip install -U transformers) or fix model_type")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..cliargs import Parser, field_default, ints, positive_int
+from ..cliargs import Parser, add_run_flags, field_default, ints
 from ..io import folder_size
 from .compress import compress_delta
 from .config import DELTA_METHODS, DeltaConfig
@@ -58,9 +58,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--exact-dtype", choices=("float16", "bfloat16", "float32"), default=d("exact_dtype"))
     p.add_argument("--exact-format", choices=("delta", "full"), default=d("exact_format"))
     p.add_argument("--revision", help="the base's Hub revision, recorded in the delta")
-    p.add_argument("--calib-file", help="distillation text, .txt/.jsonl (default: the wiki calibration half)")
-    p.add_argument("--nsamples", type=positive_int, default=128)
-    p.add_argument("--calib-seqlen", type=positive_int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_run_flags(p, nsamples=128, seqlen=256, text="distillation text, .txt/.jsonl")
     p.set_defaults(func=_cmd_delta_compress)

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cliargs import field_default, positive_int
+from ..cliargs import add_run_flags, field_default
 from ..models import DEFAULT_MODEL
 from .config import GPTQConfig
 from .quantize import quantize
@@ -55,9 +55,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--calib-dtype", default=d("calib_dtype"), choices=["auto", "float32", "bfloat16"],
                    help="dtype of the calibration forwards (auto: bfloat16 where the CPU/GPU has native bf16 matmul)")
     p.add_argument("--damp-percent", type=float, default=d("damp_percent"))
-    p.add_argument("--calib-file", help="local .txt/.jsonl calibration text (default: the wiki calibration half)")
-    p.add_argument("--nsamples", type=positive_int, default=128)
-    p.add_argument("--calib-seqlen", type=positive_int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_run_flags(p, nsamples=128, seqlen=512)
     p.set_defaults(func=_cmd_quantize)

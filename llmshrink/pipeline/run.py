@@ -22,9 +22,13 @@ import shutil
 import time
 from pathlib import Path
 
+import accelerate
+import peft
 import torch
+import transformers
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..config import MethodConfig
 from ..errors import Interrupted, UsageError
 from ..hub import EVAL_FILE, RECIPE_FILE
@@ -39,12 +43,6 @@ __all__ = ["RECIPE_FILE", "STATE_FILE", "run_recipe", "step_folder", "versions"]
 logger = logging.getLogger(__name__)
 
 def versions() -> dict[str, str]:
-    import accelerate
-    import peft
-    import transformers
-
-    from .. import __version__
-
     return {"llmshrink": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
 

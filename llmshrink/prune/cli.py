@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 from ..auto import load_model
 from ..calibration import check_seqlen
-from ..cliargs import field_default, positive_int
+from ..cliargs import add_run_flags, field_default, positive_int
 from ..errors import UsageError
 from ..io import check_writable_file, prepare_out
 from ..models import DEFAULT_MODEL, resolve_model
@@ -69,9 +69,5 @@ def add_cli(subparsers) -> None:
     p.add_argument("--score", default=weight("score"), choices=SCORES)
     p.add_argument("--pattern", default=weight("pattern"), choices=PATTERNS)
     p.add_argument("--scope", default=weight("scope"), choices=("layer", "global"))
-    p.add_argument("--calib-file", help="local .txt/.jsonl calibration text (default: the wiki calibration half)")
-    p.add_argument("--nsamples", type=positive_int, default=64)
-    p.add_argument("--calib-seqlen", type=positive_int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_run_flags(p, nsamples=64, seqlen=512)
     p.set_defaults(func=_cmd_prune)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 __all__ = ["print_scores", "plot_scores"]
 
 
 def print_scores(record: dict) -> None:
     """Per layer: block influence, the angular distance of the run starting there, and removal."""
-    from rich.console import Console
-    from rich.table import Table
-
     removed = set(record["removed"])
     table = Table(title=f"layer scores ({record['config']['criterion']}; lower = more removable)")
     for column in ("layer", "block influence", f"angular, run of {record['config']['layers']}", "removed"):
@@ -40,7 +40,7 @@ def print_scores(record: dict) -> None:
 def plot_scores(record: dict, path: str | os.PathLike) -> Path:
     """Two bar charts (block influence per layer, angular distance per run start), removed layers
     highlighted, written to `path` (PNG)."""
-    import matplotlib
+    import matplotlib  # lazy: a second of import time, for the one function that draws
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
