@@ -20,37 +20,34 @@ import os
 import warnings
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UsageError
+from ..gptq.linear import QuantLinear
 
-__all__ = ["adapter_base", "adapter_mismatch", "add_lora", "is_adapter_folder", "load_adapter", "lora_config"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapter_base", "adapter_mismatch", "add_lora", "is_adapter_folder",
+           "load_adapter", "lora_config"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _quant_linear_type():
-    from ..gptq.linear import QuantLinear
-
-    return QuantLinear
-
-
 def _targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
     """peft target_modules for `model`: `all-linear` becomes the leaf names of every linear,
     quantized or not, apart from the output head, when the model holds quantized linears."""
-    quant = _quant_linear_type()
-    if target_modules != "all-linear" or not any(isinstance(m, quant) for m in model.modules()):
+    if target_modules != "all-linear" or not any(isinstance(m, QuantLinear) for m in model.modules()):
         return target_modules
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                   if isinstance(m, (nn.Linear, quant)) and m is not head})
+                   if isinstance(m, (nn.Linear, QuantLinear)) and m is not head})
 
 
 def lora_config(model: nn.Module, rank: int, lora_alpha: int, lora_dropout: float = 0.0,
                 target_modules: str | list[str] = "all-linear"):
     """A peft `LoraConfig` for `model`, with llmshrink's QuantLinear registered as a LoRA base layer."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # lazy: peft adds seconds to `import llmshrink`
 
     config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                         target_modules=_targets(model, target_modules), task_type="CAUSAL_LM")
@@ -58,15 +55,15 @@ def lora_config(model: nn.Module, rank: int, lora_alpha: int, lora_dropout: floa
 
 
 def _register_quantized(config):
-    from peft.tuners.lora.gptq import GPTQLoraLinear
+    from peft.tuners.lora.gptq import GPTQLoraLinear  # lazy: peft internals, slow to import
 
-    config._register_custom_module({_quant_linear_type(): GPTQLoraLinear})
+    config._register_custom_module({QuantLinear: GPTQLoraLinear})
     return config
 
 
 def add_lora(model: nn.Module, config):
     """peft's `get_peft_model`, without its warning that a registered custom layer type (QuantLinear) is unknown."""
-    from peft import get_peft_model
+    from peft import get_peft_model  # lazy: peft adds seconds to `import llmshrink`
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Unsupported layer type .*QuantLinear", category=UserWarning)
@@ -89,8 +86,6 @@ def adapter_mismatch(model: nn.Module, adapter: str | os.PathLike, resolved: str
     """Why the peft adapter in `adapter` does not fit the peft-wrapped `model` (loaded from
     `resolved`), or None: another recorded base (unless not `check_base`), a tensor the model
     lacks or of another shape."""
-    from safetensors import safe_open
-
     adapter = Path(adapter)
     if not (adapter / ADAPTER_CONFIG).is_file():
         return f"{adapter} has no {ADAPTER_CONFIG}"
@@ -115,8 +110,7 @@ def load_adapter(model: nn.Module, adapter: str | os.PathLike, resolved: str, ch
 
     Raises UsageError when the adapter was made for another model (by its recorded base, unless
     not `check_base`, and by its tensors' names and shapes)."""
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import LoraConfig, set_peft_model_state_dict  # lazy: peft adds seconds to `import llmshrink`
 
     adapter = Path(adapter)
     if not (adapter / ADAPTER_CONFIG).is_file():

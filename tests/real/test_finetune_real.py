@@ -65,7 +65,7 @@ def test_finetuned_model_reuses_the_cache(small_finetune, tmp_path, monkeypatch)
     import os
     import shutil
 
-    import llmshrink.finetune as ft
+    import llmshrink.finetune.run as ft  # where finetuned_model looks up resolve_model, _cache_name, finetune
 
     out, config = small_finetune
     base = resolve_model("smollm2-135m")

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from llmshrink.heal import RECORD, HealConfig, _held_out_ids, heal
+from llmshrink.heal import RECORD, HealConfig, heal
+from llmshrink.heal.run import _held_out_ids
 from llmshrink.prune import LayerPruneConfig, prune, save_pruned
 
 pytestmark = pytest.mark.real

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from llmshrink import UsageError
 from llmshrink.methods import config_from_dict, method_for
 from llmshrink.evals.data import corpus_documents
-from llmshrink.heal.core import (RECORD, HealConfig, _eval_mode, _load_student, _lora_config, _packed_for_cpu,
-                            checkpoint_dir, heal, heal_loss, kd_loss, merge_adapter)
-import llmshrink.heal.core as heal_mod
+from llmshrink.heal import RECORD, HealConfig, checkpoint_dir, heal, heal_loss, kd_loss, merge_adapter
+from llmshrink.heal.load import heal_lora_config, load_student
+from llmshrink.heal.qlora import eval_mode, packed_for_cpu
+import llmshrink.heal.run as heal_mod  # heal() looks _micro_batch_loss up here on every call: the crash seam
 
 from conftest import char_tokenizer, save_tiny
 
@@ -94,9 +95,9 @@ def _qlora(folder):
 
     from bitsandbytes.nn import Linear4bit
 
-    model = _load_student(folder, "qlora")
+    model = load_student(folder, "qlora")
     torch.manual_seed(0)
-    model = get_peft_model(model, _lora_config(model, HealConfig(rank=4, lora_alpha=8)))
+    model = get_peft_model(model, heal_lora_config(model, HealConfig(rank=4, lora_alpha=8)))
     for m in model.modules():  # peft starts lora_B at 0; make every gradient path non-trivial
         if hasattr(m, "lora_B"):
             torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)
@@ -110,9 +111,9 @@ def test_qlora_eval_pass_keeps_lora_gradients_exact(folders):
     assert all(g.abs().sum() > 0 for g in reference.values())
 
     guarded = _qlora(folders["pruned"])
-    with _eval_mode(guarded), torch.inference_mode():
+    with eval_mode(guarded), torch.inference_mode():
         guarded(input_ids=x)
-    assert guarded.training and not _packed_for_cpu(guarded)
+    assert guarded.training and not packed_for_cpu(guarded)
     grads = _lora_grads(guarded, x)
     for name, g in grads.items():
         assert g.abs().sum() > 0, name
@@ -123,7 +124,7 @@ def test_qlora_eval_pass_keeps_lora_gradients_exact(folders):
     with torch.no_grad():
         trapped(input_ids=x)
     trapped.train()
-    if not _packed_for_cpu(trapped):
+    if not packed_for_cpu(trapped):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack, the trap cannot occur")
     wrong = _lora_grads(trapped, x)
     assert any(not torch.allclose(wrong[n], reference[n], rtol=1e-3, atol=1e-6) for n in reference)
@@ -439,7 +440,7 @@ def test_recipe_runs_in_one_process(folders):
 WRAPPER = """
 import hashlib, json, os, runpy, sys
 import torch
-import llmshrink.heal.core as heal_mod
+import llmshrink.heal.run as heal_mod
 seen = {}
 real = heal_mod._micro_batch_loss
 def spy(model, *args, **kwargs):
