@@ -15,6 +15,9 @@ __all__ = ["DELTA"]
 
 
 def run(source: str, config: DeltaConfig, out: Path, context: Context) -> None:
+    if context.original is None or context.original == source:
+        raise UsageError("a delta step stores its input as a difference from the original model; give the "
+                         "original (compress(..., original=BASE), or a recipe whose model is the base)")
     compress_delta(context.original, source, config, out, overwrite=context.overwrite, progress=context.progress,
                    **context.calibration_kwargs())
 
