@@ -25,6 +25,7 @@ Ratios are dense time / kernel time: above 1 means the kernel is faster.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from llmshrink.gptq.packing import pack_gptq
 from llmshrink.kernels import KERNELS
 
 PROMPT = "The history of the city begins"  # README's and `llmshrink eval`'s generation prompt
+NEAR_TIE = 0.5  # nats between the top two next tokens: below it, rounding decides (as in tests/interop)
 CPU_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (8192, 28672)]
 
@@ -230,7 +232,7 @@ def bench_onebit(device: torch.device) -> None:
 
 
 def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gptq", checkpoint: str | None = None) -> None:
-    """Decode tokens/s of the default model's 4-bit g128 checkpoint loaded with no `dtype=` against
+    """Decode tokens/s of the default model's 4-bit checkpoint (default settings) loaded with no `dtype=` against
     the fp32 original (what a user gets from either `from_pretrained` without arguments), in
     alternating runs; and whether their first 32 greedy tokens are equal. `checkpoint`: an existing
     4-bit checkpoint of the default model to use instead of quantizing one (GPTQ takes minutes)."""
@@ -244,9 +246,10 @@ def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gpt
                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        out = checkpoint or quantize(source, GPTQConfig(bits=4, group_size=128, algorithm=method,
-                                                        clip_search=method == "gptq"), Path(tmp) / "q", progress=False)
-        print(f"  {'loaded' if checkpoint else f'quantized ({method}, 4-bit g128)'} {out} in "
+        out = checkpoint or quantize(source, GPTQConfig(bits=4, algorithm=method, clip_search=method == "gptq"),
+                                     Path(tmp) / "q", progress=False)
+        group = json.loads((Path(out) / "config.json").read_text())["quantization_config"]["group_size"]
+        print(f"  {'loaded' if checkpoint else f'quantized ({method}, 4-bit, default settings)'} {out} (g{group}) in "
               f"{time.perf_counter() - started:.0f} s", flush=True)
         models = {"fp32 original": original, "4-bit, no dtype=": AutoModelForCausalLM.from_pretrained(out)}
         plain = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -265,6 +268,11 @@ def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gpt
                 start = time.perf_counter()
                 m.generate(prompt, **kwargs)
                 times[name].append(time.perf_counter() - start)
+        # the original's own margin (top-1 minus top-2 log-probability) at each of its 32 greedy steps
+        full = torch.cat([prompt[0], tokens["fp32 original"]])[None]
+        logprobs = torch.log_softmax(original(full).logits[0, prompt.shape[1] - 1:-1].float(), -1)
+        top2 = logprobs.topk(2, dim=-1).values
+        margins = (top2[:, 0] - top2[:, 1]).tolist()
     speed = {name: new_tokens / statistics.median(t) for name, t in times.items()}
     same = torch.equal(tokens["fp32 original"], tokens["4-bit, no dtype="])
     first_diff = next((i for i, (a, b) in enumerate(zip(tokens["fp32 original"].tolist(),
@@ -281,6 +289,11 @@ def bench_default_load(new_tokens: int = 64, rounds: int = 5, method: str = "gpt
           + f"; plain transformers' default load gives the same tokens as llmshrink's: "
             f"{torch.equal(plain_tokens, tokens['4-bit, no dtype='])}; the same checkpoint loaded in float32 gives "
             f"the same tokens: {torch.equal(exact_tokens, tokens['4-bit, no dtype='])}")
+    if first_diff is not None:
+        near = next((i for i, m in enumerate(margins) if m < NEAR_TIE), None)
+        print(f"at token {first_diff} the fp32 original's own top-2 margin is {margins[first_diff]:.3f} nats; its "
+              f"first near tie (< {NEAR_TIE} nats) is at token {near}: the 4-bit tokens "
+              f"{'agree up to it' if near is not None and first_diff >= near else 'part before it'}")
     print(f"4-bit text: {tokenizer.decode(tokens['4-bit, no dtype='])!r}")
 
 
