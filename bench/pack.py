@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from llmshrink import resolve_model
 from llmshrink.pack import codec as pack_codec
+from llmshrink.pack import planes as pack_planes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ZIPNN_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -61,9 +62,9 @@ def best_of(fn, repeats: int) -> tuple[float, float, bytes | None]:
 
 def ours(src: Path, digest: str, work: Path, level: int, threads: int, repeats: int,
          rotations: range | None = None, verify_file: bool = False) -> dict:
-    saved = pack_codec.ROTATIONS
+    saved = pack_planes.ROTATIONS
     if rotations is not None:  # ablation: a fixed rotation (the reader checks it against this too)
-        pack_codec.ROTATIONS = rotations
+        pack_planes.ROTATIONS = rotations
     try:
         dst = work / (src.name + ".llmpack")
         t0 = time.perf_counter()
@@ -80,7 +81,7 @@ def ours(src: Path, digest: str, work: Path, level: int, threads: int, repeats: 
         return {"packed": dst.stat().st_size, "encode": encode, "decode": wall, "cpu": cpu, "threads": threads,
                 "decode_both": both[0], "cpu_both": both[1]}
     finally:
-        pack_codec.ROTATIONS = saved
+        pack_planes.ROTATIONS = saved
 
 
 def plain_zstd(data: bytes, digest: str, level: int, threads: int, repeats: int) -> dict:

@@ -1,9 +1,8 @@
-"""Delta codecs as pure tensor math: encode a delta matrix into a few named tensors, decode back.
+"""Delta codecs as pure tensor math: a delta matrix into a few named tensors, and back.
 
-Every codec takes `delta = finetuned - base` as a [out, in] fp32 tensor and returns a dict of
-tensors, keyed by the suffix they get in the checkpoint (`<weight name>.<suffix>`). `decode`
-rebuilds the dense delta; `delta_matmul` computes `x @ delta.T` from the compact form (what
-`DeltaModel` serves with, never materialising the fine-tuned weights).
+Every encoder takes `delta = finetuned - base` as a [out, in] fp32 tensor and returns a dict of
+tensors, keyed by the suffix they get in the checkpoint (`<weight name>.<suffix>`). The codec
+objects of `codecs.py` put these together with decoding, applying and serving.
 """
 
 from __future__ import annotations
@@ -13,8 +12,7 @@ import torch
 from ..errors import UsageError
 from ..gptq.packing import pack_rows, unpack_rows
 
-__all__ = ["pack_bits", "unpack_bits", "bitdelta", "lowrank", "dare", "mixed", "decode", "delta_matmul",
-           "delta_rows", "mixed_factors", "CODECS"]
+__all__ = ["pack_bits", "unpack_bits", "signs", "bitdelta", "lowrank", "dare", "mixed", "mixed_factors"]
 
 
 # ---- 1-bit planes: 32 booleans per int32 word, along the last dim ---------------------------------
@@ -116,13 +114,8 @@ def mixed(delta: torch.Tensor, ranks: tuple[int, ...], bits: tuple[int, ...]) ->
     return out
 
 
-CODECS = ("bitdelta", "lowrank", "dare", "mixed")
-
-
-# ---- decoding ----------------------------------------------------------------------------------
-
 def mixed_factors(parts: dict[str, torch.Tensor], shape: tuple[int, int], bits: tuple[int, ...]):
-    """(u [out, r], v [r, in]) in fp32 from the quantized bands."""
+    """Inverse of `mixed`: (u [out, r], v [r, in]) in fp32 from the quantized bands."""
     us, vs = [], []
     for k, b in enumerate(bits):
         if f"u{k}" not in parts:
@@ -132,55 +125,3 @@ def mixed_factors(parts: dict[str, torch.Tensor], shape: tuple[int, int], bits: 
             acc.append(codes * parts[f"{side}{k}_scale"])
     return torch.cat(us).t(), torch.cat(vs)
 
-
-def decode(kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, int], bits: tuple[int, ...] = ()) -> torch.Tensor:
-    """The dense [out, in] fp32 delta from a codec's tensors."""
-    if kind == "bitdelta":
-        return signs(parts["sign"], shape[1]) * parts["scale"].float()
-    if kind == "lowrank":
-        return parts["u"].float() @ parts["v"].float()
-    if kind == "dare":
-        dense = torch.zeros(shape, dtype=torch.float32, device=parts["values"].device)
-        dense[unpack_bits(parts["mask"], shape[1])] = parts["values"].float()
-        return dense
-    if kind == "mixed":
-        u, v = mixed_factors(parts, shape, bits)
-        return u @ v
-    raise ValueError(f"unknown delta kind '{kind}'")
-
-
-def delta_matmul(x: torch.Tensor, kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, int],
-                 bits: tuple[int, ...] = ()) -> torch.Tensor:
-    """`x @ delta.T` ([..., in] -> [..., out]) from the compact form.
-
-    bitdelta runs `scale * (x @ sign.T)` through the 1-bit kernel; lowrank and mixed as two thin
-    matmuls; dare decodes its sparse entries into a temporary dense matrix."""
-    if kind == "bitdelta":
-        from ..kernels.onebit import sign_matmul
-
-        return sign_matmul(x, parts["sign"], parts["scale"], shape[1])
-    if kind == "lowrank":
-        return (x @ parts["v"].to(x.dtype).t()) @ parts["u"].to(x.dtype).t()
-    if kind == "mixed":
-        u, v = mixed_factors(parts, shape, bits)
-        return (x @ v.to(x.dtype).t()) @ u.to(x.dtype).t()
-    if kind == "exact":
-        return x @ parts["exact"].to(x.dtype).t()
-    return x @ decode(kind, parts, shape, bits).to(x.dtype).t()
-
-
-def delta_rows(ids: torch.Tensor, kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, int],
-               bits: tuple[int, ...] = ()) -> torch.Tensor:
-    """Rows `ids` of the dense delta (an embedding lookup), decoding only those rows where the
-    codec allows it."""
-    flat = ids.reshape(-1)
-    if kind == "bitdelta":
-        scale = parts["scale"]
-        rows = signs(parts["sign"][flat], shape[1]) * (scale[flat] if scale.numel() > 1 else scale)
-    elif kind == "lowrank":
-        rows = parts["u"][flat].float() @ parts["v"].float()
-    elif kind == "exact":
-        rows = parts["exact"][flat].float()
-    else:
-        rows = decode(kind, parts, shape, bits)[flat]
-    return rows.reshape(*ids.shape, shape[1])

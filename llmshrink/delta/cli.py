@@ -9,7 +9,8 @@ import time
 from ..cliargs import Parser, add_run_flags, field_default, ints
 from ..io import folder_size
 from .compress import compress_delta
-from .config import DELTA_METHODS, DeltaConfig
+from .codecs import CODECS
+from .config import DeltaConfig
 
 __all__ = ["add_cli"]
 
@@ -40,7 +41,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--base", required=True, help="the base model: packaged name, folder or cached Hub id")
     p.add_argument("--finetuned", required=True, help="the fine-tuned model (same architecture)")
     p.add_argument("--out", required=True, help="delta folder to write")
-    p.add_argument("--method", choices=DELTA_METHODS, default=d("codec"))
+    p.add_argument("--method", choices=tuple(CODECS), default=d("codec"))
     p.add_argument("--scale-granularity", choices=("tensor", "row"), default=d("scale_granularity"),
                    help="bitdelta scales")
     p.add_argument("--distill-steps", type=int, default=d("distill_steps"),

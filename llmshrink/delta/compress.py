@@ -2,7 +2,7 @@
 
 Walks the two checkpoints tensor by tensor (encoding never holds both models whole in memory;
 scale distillation, when asked for, does load both), encodes each weight's delta with the
-configured codec (`algorithm.py`), optionally distils the bitdelta scales against the fine-tuned
+configured codec (`codecs.py`), optionally distils the bitdelta scales against the fine-tuned
 model's logits, and writes the delta folder atomically (`load.py` has the format).
 """
 
@@ -15,12 +15,19 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..arch import checkpoint_names
+from ..calibration import resolve_calibration
 from ..errors import UsageError
+from ..gptq.apply import native_bf16_cpu
 from ..io import atomic_dir, prepare_out
+from ..models import resolve_model
 from ..safetensors_io import TensorIndex, save_tensors
-from . import algorithm
+from .algorithm import signs as sign_planes
+from .codecs import CODECS, KINDS
 from .config import DeltaConfig
 from .hf import LlmshrinkDeltaConfig
 from .load import DELTA_FILE, FORMAT, FORMAT_VERSION, META_FILE, tensors_sha256
@@ -34,16 +41,12 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 def _source_folder(model, tmp: str, role: str, revision: str | None = None) -> tuple[Path, str]:
     """(local folder, name to record) for a name/folder/Hub id or a loaded model."""
-    from ..models import resolve_model
-
     if isinstance(model, torch.nn.Module):
         folder = Path(tmp) / role
         model.save_pretrained(folder)
         return folder, str(getattr(model, "name_or_path", "") or folder)
     resolved = Path(resolve_model(model))
     if not resolved.is_dir():
-        from huggingface_hub import snapshot_download
-
         try:
             resolved = Path(snapshot_download(str(model), revision=revision, local_files_only=True))
         except (OSError, ValueError):
@@ -73,6 +76,7 @@ def encode_tensors(base: TensorIndex, finetuned: TensorIndex, config: DeltaConfi
     """Encode every tensor's delta. Returns (checkpoint tensors `<name>.<part>`, per-name info)."""
     tensors: dict[str, torch.Tensor] = {}
     info: dict[str, dict] = {}
+    codec = CODECS[config.codec]
     generator = torch.Generator().manual_seed(config.seed)
     for key in tqdm(sorted(base.keys()), desc=f"delta ({config.codec})", unit="tensor", disable=not progress):
         b, f = base.get(key), finetuned.get(key)
@@ -89,14 +93,8 @@ def encode_tensors(base: TensorIndex, finetuned: TensorIndex, config: DeltaConfi
         elif config.stores_exactly(key, tuple(shape)):
             kind = "full" if config.exact_format == "full" else "exact"
             parts = {kind: (f if kind == "full" else delta).to(_DTYPES[config.exact_dtype])}
-        elif config.codec == "bitdelta":
-            kind, parts = "bitdelta", algorithm.bitdelta(delta, config.scale_granularity)
-        elif config.codec == "lowrank":
-            kind, parts = "lowrank", algorithm.lowrank(delta, config.rank, config.energy)
-        elif config.codec == "dare":
-            kind, parts = "dare", algorithm.dare(delta, config.p, generator)
         else:
-            kind, parts = "mixed", algorithm.mixed(delta, config.mixed_ranks, config.mixed_bits)
+            kind, parts = config.codec, codec.encode(delta, config, generator)
         info[key] = {"kind": kind, "shape": shape}
         tensors.update({f"{key}.{part}": t.contiguous() for part, t in parts.items()})
     return tensors, info
@@ -112,27 +110,20 @@ def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str,
     scales, the loss and the optimizer stay fp32.
 
     Returns {"steps", "kl_first", "kl_last"} (mean KL of the first and last 10% of steps)."""
-    from transformers import AutoModelForCausalLM
-
-    from ..gptq.apply import native_bf16_cpu
-
     teacher = AutoModelForCausalLM.from_pretrained(finetuned_folder, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    from ..arch import checkpoint_names
-
     own = dict(student.named_parameters(remove_duplicate=False))
     model_name = checkpoint_names(student, list(info))  # checkpoint key -> the model's parameter name
     params = {k: own[name] for k, name in model_name.items() if name in own}
     keys = [k for k, v in info.items() if v["kind"] == "bitdelta"]
     with torch.no_grad():  # tensors stored exactly are part of the student as they will be at load time
         for k, v in info.items():
-            if v["kind"] == "exact":
-                params[k].add_(tensors[f"{k}.exact"].float())
-            elif v["kind"] == "full":
-                params[k].copy_(tensors[f"{k}.full"].float())
-    signs = {k: algorithm.signs(tensors[f"{k}.sign"], info[k]["shape"][1]) for k in keys}  # [out, in] of +-1
+            if v["kind"] in ("exact", "full"):
+                stored = {v["kind"]: tensors[f"{k}.{v['kind']}"]}
+                params[k].copy_(KINDS[v["kind"]].apply(params[k], stored, tuple(v["shape"])))
+    signs = {k: sign_planes(tensors[f"{k}.sign"], info[k]["shape"][1]) for k in keys}  # [out, in] of +-1
     scale0 = {k: tensors[f"{k}.scale"].clone() for k in keys}
     log_m = {k: torch.zeros_like(scale0[k], requires_grad=True) for k in keys}
     opt = torch.optim.Adam(log_m.values(), lr=lr)
@@ -186,20 +177,17 @@ def compress_delta(base, finetuned, config: DeltaConfig, out: str | os.PathLike,
         ft_folder, ft_name = _source_folder(finetuned, tmp, "finetuned")
         b, f = TensorIndex(base_folder), TensorIndex(ft_folder)
         _check_compatible(base_folder, ft_folder, b, f)
-        if config.codec == "lowrank" and config.rank is not None:
-            small = [k for k in b.keys() if not config.stores_exactly(k, b.shape(k)) and min(b.shape(k)) < config.rank]
-            if small:
-                raise UsageError(f"rank={config.rank} is larger than {small[0]} {list(b.shape(small[0]))} allows; "
-                                 f"use rank <= {min(b.shape(small[0]))} or an energy threshold")
+        codec = CODECS[config.codec]
+        codec.check_shapes(config, {k: b.shape(k) for k in b.keys() if not config.stores_exactly(k, b.shape(k))})
         tensors, info = encode_tensors(b, f, config, progress)
         b.release()
         f.release()
         distill = None
-        if config.codec == "bitdelta" and config.distill_steps > 0 and not any(
-                v["kind"] == "bitdelta" for v in info.values()):
-            logger.warning("no tensor is bitdelta-coded (all are below min_numel or exact): nothing to distil")
-        elif config.codec == "bitdelta" and config.distill_steps > 0:
-            calib = _calibration(base_folder, calibration, nsamples, seqlen, config.seed)
+        if codec.distils and config.distill_steps > 0 and not any(v["kind"] == codec.name for v in info.values()):
+            logger.warning("no tensor is %s-coded (all are below min_numel or exact): nothing to distil", codec.name)
+        elif codec.distils and config.distill_steps > 0:
+            tokenizer = None if isinstance(calibration, torch.Tensor) else _base_tokenizer(base_folder)
+            calib, _ = resolve_calibration(tokenizer, calibration, nsamples, seqlen, config.seed)
             distill = distill_scales(base_folder, ft_folder, tensors, info, calib, config.distill_steps,
                                      config.distill_lr, progress=progress)
             logger.info("scale distillation: KL %.4f -> %.4f", distill["kl_first"], distill["kl_last"])
@@ -220,10 +208,12 @@ def compress_delta(base, finetuned, config: DeltaConfig, out: str | os.PathLike,
     return out
 
 
-def _calibration(folder: Path, calibration, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    if isinstance(calibration, torch.Tensor):
-        return calibration.long()
-    from ..calibration import calibration_windows
-    from ..auto import load_tokenizer
 
-    return calibration_windows(load_tokenizer(str(folder)), calibration or "wiki", nsamples, seqlen, seed)
+def _base_tokenizer(folder: Path):
+    """The base's tokenizer, for calibration text (the base is a plain local checkpoint folder)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except OSError as e:
+        raise UsageError(f"cannot load the tokenizer of base model {folder} for scale distillation "
+                         f"({str(e).splitlines()[0]}); give a base folder with its tokenizer files, or "
+                         "calibration= as [n, seqlen] token ids") from None

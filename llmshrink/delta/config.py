@@ -7,10 +7,10 @@ import fnmatch
 
 from ..config import MethodConfig
 from ..errors import UsageError
+from .codecs import CODECS
 
-__all__ = ["DeltaConfig", "DELTA_METHODS"]
+__all__ = ["DeltaConfig"]
 
-DELTA_METHODS = ("bitdelta", "lowrank", "dare", "mixed")
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -19,9 +19,9 @@ class DeltaConfig(MethodConfig):
     """One config for the four delta codecs; each reads only its own fields.
 
     Args:
-        codec: `bitdelta` (sign bits + one scale per matrix, BitDelta), `lowrank` (truncated SVD),
-            `dare` (drop a fraction p at random, rescale the rest, store sparse) or `mixed`
-            (SVD with more bits for the top singular directions, Delta-CoMe).
+        codec: a name in `codecs.CODECS`: `bitdelta` (sign bits + one scale per matrix, BitDelta),
+            `lowrank` (truncated SVD), `dare` (drop a fraction p at random, rescale the rest, store
+            sparse) or `mixed` (SVD with more bits for the top singular directions, Delta-CoMe).
         scale_granularity: bitdelta scales per `tensor` (BitDelta) or per output `row`.
         distill_steps: bitdelta scale distillation steps (0: keep mean |delta|); only the scales
             train, to match the fine-tuned model's logits on calibration text.
@@ -59,19 +59,13 @@ class DeltaConfig(MethodConfig):
 
     def validate(self) -> None:
         self.mixed_ranks, self.mixed_bits, self.exact = tuple(self.mixed_ranks), tuple(self.mixed_bits), tuple(self.exact)
-        if self.codec not in DELTA_METHODS:
-            raise UsageError(f"codec='{self.codec}' is not known; use one of {', '.join(DELTA_METHODS)}")
+        if self.codec not in CODECS:
+            raise UsageError(f"codec='{self.codec}' is not known; use one of {', '.join(CODECS)}")
         if self.scale_granularity not in ("tensor", "row"):
             raise UsageError(f"scale_granularity='{self.scale_granularity}' is invalid; use 'tensor' or 'row'")
         if self.distill_steps < 0:
             raise UsageError(f"distill_steps={self.distill_steps} must be >= 0")
-        if self.codec == "lowrank":
-            if (self.rank is None) == (self.energy is None):
-                raise UsageError("lowrank needs exactly one of rank (e.g. 16) or energy (e.g. 0.9)")
-            if self.rank is not None and self.rank < 1:
-                raise UsageError(f"rank={self.rank} must be >= 1")
-            if self.energy is not None and not 0 < self.energy <= 1:
-                raise UsageError(f"energy={self.energy} must be in (0, 1]")
+        CODECS[self.codec].validate(self)
         if not 0 <= self.p < 1:
             raise UsageError(f"p={self.p} must be in [0, 1): the share of delta entries dropped")
         if len(self.mixed_ranks) != len(self.mixed_bits) or not self.mixed_ranks:

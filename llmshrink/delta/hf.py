@@ -15,6 +15,9 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
+from ..models import DTYPES
+from .load import load_delta_model
+
 __all__ = ["LlmshrinkDeltaConfig", "LlmshrinkDeltaLoader", "MODEL_TYPE", "register_with_transformers"]
 
 MODEL_TYPE = "llmshrink_delta"
@@ -42,9 +45,6 @@ class LlmshrinkDeltaLoader:
         """transformers passes its hub and loader options along; a delta loads from local files
         only, so those are ignored. `dtype` (default and "auto": fp32, the delta's arithmetic) and
         `device_map` apply to the returned model."""
-        from ..models import DTYPES
-        from .load import load_delta_model
-
         dtype = dtype if dtype is not None else torch_dtype
         if isinstance(dtype, str):
             dtype = DTYPES.get(dtype, torch.float32)

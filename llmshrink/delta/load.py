@@ -1,7 +1,7 @@
 """The delta folder format, the base model's identity, and loading a delta back into a model.
 
 A delta folder holds:
-- `delta.safetensors`: per compressed weight `<name>.<part>` tensors (see `algorithm.py`):
+- `delta.safetensors`: per compressed weight `<name>.<part>` tensors (see `codecs.py`):
   bitdelta `sign` + `scale`, lowrank `u` + `v`, dare `mask` + `values`, mixed `u<k>`, `v<k>` and
   their scales; exactly-stored tensors as `<name>.exact` (F - B) or `<name>.full` (F).
 - `llmshrink_delta.json`: format version, the DeltaConfig, the base's identity (name as given,
@@ -20,10 +20,14 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..arch import checkpoint_names
 from ..errors import UsageError
+from ..models import resolve_model
 from ..safetensors_io import TensorIndex
-from .algorithm import decode
+from .codecs import codec_of
 
 __all__ = ["DELTA_FILE", "META_FILE", "FORMAT_VERSION", "is_delta_folder", "read_meta", "tensors_sha256",
            "locate_base", "read_delta", "apply_delta", "load_delta_model"]
@@ -70,10 +74,6 @@ def tensors_sha256(folder: str | os.PathLike) -> str:
 def _candidates(meta: dict, base_model: str | os.PathLike | None) -> list[Path]:
     """Local folders that may hold the base, in order: `base_model`, or the recorded name, then
     the recorded path (a Hub id only from the local cache, at the recorded revision)."""
-    from huggingface_hub import snapshot_download
-
-    from ..models import resolve_model
-
     recorded = meta["base"]
     tries = [str(base_model)] if base_model is not None else [recorded.get("name"), recorded.get("path")]
     found: list[Path] = []
@@ -131,8 +131,6 @@ def params_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def apply_delta(model: torch.nn.Module, meta: dict, parts: dict[str, dict[str, torch.Tensor]]) -> torch.nn.Module:
     """Add the decoded delta to the base model's weights, in place (fp32 arithmetic)."""
-    from ..arch import checkpoint_names
-
     params = params_by_name(model)
     names = checkpoint_names(model, list(meta["tensors"]))
     bits = tuple(meta["config"].get("mixed_bits", ()))
@@ -142,15 +140,8 @@ def apply_delta(model: torch.nn.Module, meta: dict, parts: dict[str, dict[str, t
             if param is None or list(param.shape) != info["shape"]:
                 raise UsageError(f"the delta's {key} {info['shape']} has no match in the base model; "
                                  "this delta was made for another architecture")
-            kind, p = info["kind"], parts[key]
-            if kind == "zero":
-                continue
-            if kind == "full":
-                param.copy_(p["full"].to(param.device))
-            elif kind == "exact":
-                param.copy_((param.float() + p["exact"].float().to(param.device)).to(param.dtype))
-            else:
-                param.copy_((param.float() + decode(kind, p, tuple(info["shape"]), bits).to(param.device)).to(param.dtype))
+            if info["kind"] != "zero":  # a zero delta stores nothing
+                param.copy_(codec_of(info["kind"]).apply(param, parts[key], tuple(info["shape"]), bits))
     return model
 
 
@@ -172,10 +163,6 @@ def check_base(meta: dict, base_folder: Path) -> None:
 def load_delta_model(folder: str | os.PathLike, base_model: str | os.PathLike | None = None,
                      dtype: torch.dtype = torch.float32, **kwargs):
     """Find the base, check its hash, apply the delta and return a normal transformers model."""
-    from transformers import AutoModelForCausalLM
-
-    from transformers import AutoConfig
-
     meta, parts = read_delta(folder)
     base = locate_base(meta, base_model)
     # the fine-tune's own config (eos, generation settings, ...) over the base's weights

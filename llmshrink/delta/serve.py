@@ -18,35 +18,35 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+from ..arch import checkpoint_names
 from ..errors import UsageError
+from ..models import resolve_model
 from ..safetensors_io import TensorIndex
-from .algorithm import decode, delta_matmul, delta_rows, mixed_factors
-from .load import check_base, params_by_name, read_delta
+from .codecs import DeltaCodec, codec_of
+from .load import check_base, params_by_name, read_delta, tensors_sha256
 
 __all__ = ["DeltaModel"]
 
 
-class _Delta:
-    """One loaded delta: per checkpoint tensor name, its kind, shape and parts, on the model's device.
+Entry = tuple[DeltaCodec, tuple[int, ...], dict[str, torch.Tensor]]  # (codec, shape, parts)
 
-    `full` tensors become exact deltas against the base's original values; `mixed` bands are
-    dequantized once into low-rank factors, so serving runs two thin matmuls."""
+
+class _Delta:
+    """One loaded delta: per checkpoint tensor name, its codec, shape and parts, on the model's device,
+    in the codec's serving form (`full` tensors become exact deltas against the base's original
+    values; `mixed` bands are dequantized once into low-rank factors)."""
 
     def __init__(self, meta: dict, parts: dict[str, dict[str, torch.Tensor]], original: dict[str, torch.Tensor]):
         self.bits = tuple(meta["config"].get("mixed_bits", ()))
-        self.entries: dict[str, tuple[str, tuple[int, ...], dict[str, torch.Tensor]]] = {}
+        self.entries: dict[str, Entry] = {}
         for key, info in meta["tensors"].items():
-            kind, shape, p = info["kind"], tuple(info["shape"]), parts[key]
-            if kind == "zero":
+            if info["kind"] == "zero":  # a zero delta stores nothing
                 continue
-            device = original[key].device
-            if kind == "full":
-                kind, p = "exact", {"exact": p["full"].to(device).float() - original[key].float()}
-            elif kind == "mixed":
-                u, v = mixed_factors(p, shape, self.bits)
-                kind, p = "lowrank", {"u": u, "v": v}
-            self.entries[key] = (kind, shape, {k: t.to(device) for k, t in p.items()})
+            shape = tuple(info["shape"])
+            codec, p = codec_of(info["kind"]).serving_form(parts[key], shape, self.bits, original[key])
+            self.entries[key] = (codec, shape, {k: t.to(original[key].device) for k, t in p.items()})
 
 
 class _DeltaLinear(nn.Module):
@@ -59,8 +59,8 @@ class _DeltaLinear(nn.Module):
         entry = self._owner[0]._entry(self.key)
         if entry is None:
             return y
-        kind, shape, parts = entry
-        return y + delta_matmul(x, kind, parts, shape, self._owner[0]._bits()).to(y.dtype)
+        codec, shape, parts = entry
+        return y + codec.matmul(x, parts, shape, self._owner[0]._bits()).to(y.dtype)
 
 
 class _DeltaEmbedding(nn.Module):
@@ -77,9 +77,8 @@ class _DeltaEmbedding(nn.Module):
         entry = self._owner[0]._entry(self.key)
         if entry is None:
             return y
-        kind, shape, parts = entry
-        rows = delta_rows(ids, kind, parts, shape, self._owner[0]._bits())
-        return y + rows.to(y.dtype)
+        codec, shape, parts = entry
+        return y + codec.rows(ids, parts, shape, self._owner[0]._bits()).to(y.dtype)
 
 
 class DeltaModel(nn.Module):
@@ -92,10 +91,6 @@ class DeltaModel(nn.Module):
 
     def __init__(self, base: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         super().__init__()
-        from transformers import AutoModelForCausalLM
-
-        from ..models import resolve_model
-
         self.base_folder = Path(resolve_model(base))
         if not self.base_folder.is_dir():
             raise UsageError(f"DeltaModel needs the base as a local folder or packaged name, got '{base}'")
@@ -105,8 +100,6 @@ class DeltaModel(nn.Module):
         self._small: dict[str, torch.Tensor] = {}  # pristine base values of tensors swapped in place
         self._wrapped: set[str] = set()
         # checkpoint name -> tensor, taken before any module is wrapped (wrapping renames them)
-        from ..arch import checkpoint_names
-
         own = params_by_name(self.model)
         keys = TensorIndex(self.base_folder).keys()
         self._params = {key: own[name] for key, name in checkpoint_names(self.model, keys).items() if name in own}
@@ -116,8 +109,6 @@ class DeltaModel(nn.Module):
         """Load a delta folder under `name` (its base hash must match this base)."""
         meta, parts = read_delta(folder)
         if not hasattr(self, "_base_hash"):
-            from .load import tensors_sha256
-
             self._base_hash = tensors_sha256(self.base_folder)
         if meta["base"]["sha256"] != self._base_hash:
             check_base(meta, self.base_folder)  # raises, naming both hashes
@@ -159,9 +150,8 @@ class DeltaModel(nn.Module):
                 target.copy_(pristine)
                 entry = self._entry(key)
                 if entry is not None:
-                    kind, shape, parts = entry
-                    add = parts["exact"].float() if kind == "exact" else decode(kind, parts, shape, self._bits())
-                    target.copy_((pristine.float() + add.reshape(pristine.shape)).to(target.dtype))
+                    codec, shape, parts = entry
+                    target.copy_(codec.apply(pristine, parts, shape, self._bits()))
 
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator["DeltaModel"]:
@@ -173,7 +163,7 @@ class DeltaModel(nn.Module):
         finally:
             self.set_active(previous)
 
-    def _entry(self, key: str):
+    def _entry(self, key: str) -> Entry | None:
         return None if self.active is None else self.deltas[self.active].entries.get(key)
 
     def _bits(self) -> tuple[int, ...]:

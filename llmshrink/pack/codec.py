@@ -24,27 +24,15 @@ planes, one piece each (chunk-major: chunk 0 plane 0, chunk 0 plane 1, ..., chun
 Pieces are independent, so chunks decode on parallel threads.
 
 Integrity: `digests` holds, per chunk, the XXH3-128 checksum of that chunk's original bytes
-(16 bytes, non-cryptographic, ~3x faster than sha256 here), and the decoding thread checks it, so verification runs in parallel and no byte is handed
-out unchecked. "sha256" is the whole original file's (the Hugging Face Hub's LFS hash): the
+(16 bytes, non-cryptographic, ~3x faster than sha256 here), and the decoding thread checks it,
+so verification runs in parallel and no byte is handed out unchecked. "sha256" is the whole original file's (the Hugging Face Hub's LFS hash): the
 file's identity, computed while encoding; decoding recomputes it only when asked
 (`verify="file"` or `"both"`, `llmshrink unpack --verify-file`). The chunk digests catch any
 damage to the payload, the table frame's checksum any to the table; only the whole-file sha256
 also guards against a container deliberately rewritten with a consistent forged table.
 
-Byte planes (ZipNN-style, generalized): an element is read as a little-endian uint of `width`
-bytes and rotated left by `rot` bits, `r = (u << rot) | (u >> (8 * width - rot))`; plane k is
-byte k of every r ([n] uint8). rot = 1 puts the float sign bit at the bottom, so the top byte of
-a bf16 is its exponent alone (ZipNN's split). The encoder picks `rot` per tensor from 0-4 by
-coding samples: rot = 3 wins on bf16 LLM weights, because the top exponent bits are nearly
-constant and move into the low plane, which Huffman coding then shrinks, while the top plane
-takes the biased leading mantissa bits. 1-byte types (bool, u8, i8, fp8) and unknown dtypes
-are plain bytes.
-
-Codec of a piece: 0 = raw, 1 = one zstd frame with its content size. Each plane is coded with
-zstd tuned to be a Huffman literal coder (fast strategy, 7-byte minimum match, 64-entry hash
-table: within ~2% of the order-0 entropy, decoded at GB/s) and, unless `level` is 0, also with
-zstd at `level`, kept if >= 3% smaller (runs of zeros in pruned weights, repeated rows). A piece
-that does not shrink by >= 1% is stored raw: near-random mantissa bytes cost a copy to decode.
+The pieces: `planes.py` splits a chunk into byte planes (and picks each tensor's rotation),
+`pieces.py` codes each plane (zstd or raw) and decodes it back.
 """
 
 from __future__ import annotations
@@ -57,16 +45,16 @@ import logging
 import os
 import queue
 import struct
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
-import xxhash
 import zstandard
 
 from ..errors import UsageError
+from .pieces import DIGEST_BYTES, RAW, ZSTD, chunk_digest, code_plane, corrupt, decode_piece, scratch
+from .planes import UINT, choose_rotation, from_planes, to_planes
 
 __all__ = ["FORMAT", "VERSION", "DEFAULT_LEVEL", "DEFAULT_CHUNK", "VERIFY", "encode_file", "iter_decoded",
            "decode_file", "decode_to_file", "read_table"]
@@ -78,21 +66,13 @@ VERSION = 1
 MAGIC = b"LLMPACK\x00"
 DEFAULT_LEVEL = 3  # zstd level of the match-finding candidate; 0 = Huffman literals only
 DEFAULT_CHUNK = 1 << 18  # elements per chunk: 256 KiB per plane, so a chunk's working set stays in L2
-RAW, ZSTD = 0, 1
-ROTATIONS = range(5)  # candidate `rot` for elements wider than a byte
-_SAMPLES, _SAMPLE = 4, 1 << 14  # the rotation is chosen on 4 spread samples of 16K elements
 _MAX_TABLE = 1 << 30
-DIGEST_BYTES = 16  # a chunk's digest: the XXH3-128 of its original bytes
 VERIFY = ("chunks", "file", "both")  # what decoding checks: chunk digests, the whole-file sha256, or both
 
 # safetensors dtype -> (kind, bytes per element); anything else is coded as plain bytes
 _DTYPES = {"F16": ("float", 2), "BF16": ("float", 2), "F32": ("float", 4), "F64": ("float", 8),
            "I16": ("int", 2), "U16": ("int", 2), "I32": ("int", 4), "U32": ("int", 4),
            "I64": ("int", 8), "U64": ("int", 8)}
-_UINT = {1: np.dtype("u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
-_LITERALS = zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, min_match=7, window_log=20,
-                                               hash_log=6, chain_log=6, search_log=1)
-_local = threading.local()  # zstd (de)compressors and scratch buffers: one per thread
 
 
 class Segment(NamedTuple):
@@ -103,11 +83,6 @@ class Segment(NamedTuple):
     kind: str  # "float" | "int" | "bytes"
     width: int  # bytes per element (1 for "bytes")
     rot: int = 0  # bits each element is rotated left before the plane split
-
-
-def _corrupt(path: Path, what: str) -> UsageError:
-    return UsageError(f"{path} is truncated or corrupt ({what}); re-create it with 'llmshrink pack' "
-                      "from the original checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,126 +123,6 @@ def _segments(path: Path, f: BinaryIO, size: int) -> list[Segment]:
 
 
 # ---------------------------------------------------------------------------------------------
-# one chunk: [n * width] bytes <-> `width` planes of [n] uint8
-
-
-def _to_planes(data: bytes, width: int, rot: int) -> list[np.ndarray]:
-    if width == 1:
-        return [np.frombuffer(data, np.uint8)]
-    u = np.frombuffer(data, _UINT[width])  # [n] little-endian uint
-    if rot:
-        u = (u << rot) | (u >> (8 * width - rot))
-    return [(u >> (8 * k)).astype(np.uint8) for k in range(width)]
-
-
-def _from_planes(planes: np.ndarray, rot: int, u: np.ndarray, t: np.ndarray) -> None:
-    """Inverse of `_to_planes`: [width, n] uint8 planes into `u` ([n] uint), `t` (same) as scratch."""
-    top = len(planes) - 1
-    np.left_shift(planes[top], 8 * top, out=u, dtype=u.dtype)  # no separate widening copy of a plane
-    for k in range(1, top):
-        np.left_shift(planes[k], 8 * k, out=t, dtype=u.dtype)
-        u |= t
-    np.bitwise_or(u, planes[0], out=u)  # plane 0 is widened on the fly
-    if rot:  # rotate right by `rot`
-        np.right_shift(u, rot, out=t)
-        u <<= 8 * u.itemsize - rot
-        u |= t
-
-
-def _compressor(level: int) -> zstandard.ZstdCompressor:
-    if not hasattr(_local, "compressors"):
-        _local.compressors = {}
-    if level not in _local.compressors:
-        params = _LITERALS if level == 0 else zstandard.ZstdCompressionParameters.from_level(level)
-        _local.compressors[level] = zstandard.ZstdCompressor(compression_params=params)
-    return _local.compressors[level]
-
-
-def _code_plane(plane: np.ndarray, level: int) -> tuple[int, bytes | np.ndarray]:
-    """(codec, stored bytes) of one plane: the smaller zstd candidate, or raw if it hardly shrinks."""
-    best = _compressor(0).compress(plane)
-    if level:
-        other = _compressor(level).compress(plane)
-        if len(other) < 0.97 * len(best):
-            best = other
-    return (ZSTD, best) if len(best) < 0.99 * plane.nbytes else (RAW, plane)
-
-
-def _digest(data: bytes | np.ndarray) -> bytes:
-    """A chunk's digest: XXH3-128, a non-cryptographic checksum that catches corruption at ~3x
-    sha256's speed (decoding verifies every chunk); the whole-file sha256 stays the identity."""
-    return xxhash.xxh3_128(data).digest()
-
-
-def _encode_chunk(job: tuple[bytes, int, int, int]) -> tuple[int, bytes, list[tuple[int, bytes | np.ndarray]]]:
-    data, width, rot, level = job
-    return len(data), _digest(data), [_code_plane(p, level) for p in _to_planes(data, width, rot)]
-
-
-def _choose_rotation(fd: int, seg: Segment) -> int:
-    """The rotation whose planes Huffman-code smallest on a few samples spread over the tensor."""
-    n = seg.length // seg.width
-    take = min(n, _SAMPLE)
-    starts = sorted({(n - take) * i // (_SAMPLES - 1) for i in range(_SAMPLES)})
-    samples = [os.pread(fd, take * seg.width, seg.start + s * seg.width) for s in starts]
-
-    def cost(rot: int) -> int:
-        return sum(min(len(_compressor(0).compress(p)), p.nbytes)
-                   for s in samples for p in _to_planes(s, seg.width, rot))
-
-    return min(ROTATIONS, key=cost)
-
-
-def _pread_into(fd: int, target: np.ndarray, offset: int) -> None:
-    view, done = memoryview(target).cast("B"), 0
-    while done < len(view):  # pread may return short counts
-        if hasattr(os, "preadv"):  # straight into `target`
-            got = os.preadv(fd, [view[done:]], offset + done)
-        else:
-            data = os.pread(fd, len(view) - done, offset + done)
-            got = len(data)
-            view[done:done + got] = data
-        if got <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += got
-
-
-def _scratch(name: str, nbytes: int) -> np.ndarray:
-    """A per-thread uint8 buffer of `nbytes`, reused across chunks (fresh buffers for every chunk
-    cost more in page faults than the decoding itself)."""
-    buf = getattr(_local, name, None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(nbytes, np.uint8)
-        setattr(_local, name, buf)
-    return buf[:nbytes]
-
-
-def _decode_piece(path: Path, fd: int, codec: int, offset: int, length: int, target: np.ndarray) -> None:
-    """Decode one stored piece into `target` ([n] uint8), checking its lengths."""
-    n = target.nbytes
-    if codec == RAW:
-        if length != n:
-            raise _corrupt(path, f"a raw piece has {length} bytes, expected {n}")
-        _pread_into(fd, target, offset)
-        return
-    blob = _scratch("blob", length)
-    _pread_into(fd, blob, offset)
-    try:
-        if zstandard.frame_content_size(blob) != n:
-            raise _corrupt(path, f"a zstd piece does not decode to the expected {n} bytes")
-        if not hasattr(_local, "dctx"):
-            _local.dctx = zstandard.ZstdDecompressor()
-        reader = _local.dctx.stream_reader(blob, read_size=length, read_across_frames=False)
-        view, done = memoryview(target), 0
-        while done < n and (got := reader.readinto(view[done:])):  # straight into target: no copy
-            done += got
-    except zstandard.ZstdError as e:
-        raise _corrupt(path, f"zstd: {e}") from None
-    if done != n:
-        raise _corrupt(path, f"a zstd piece decoded to {done} bytes, expected {n}")
-
-
-# ---------------------------------------------------------------------------------------------
 # ordered parallel map with a bounded number of chunks in flight
 
 
@@ -293,6 +148,12 @@ def _chunks(length: int, width: int, chunk: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------
 # encode
+
+
+def _encode_chunk(job: tuple[bytes, int, int, int]) -> tuple[int, bytes, list[tuple[int, bytes | np.ndarray]]]:
+    """[n * width] bytes -> (bytes, digest, one (codec, stored bytes) per byte plane)."""
+    data, width, rot, level = job
+    return len(data), chunk_digest(data), [code_plane(p, level) for p in to_planes(data, width, rot)]
 
 
 def encode_file(src: str | os.PathLike, dst: str | os.PathLike, level: int = DEFAULT_LEVEL, threads: int | None = None,
@@ -322,7 +183,7 @@ def encode_file(src: str | os.PathLike, dst: str | os.PathLike, level: int = DEF
         out.write(MAGIC)
         for seg in segments:
             if seg.width > 1:
-                seg = seg._replace(rot=_choose_rotation(f.fileno(), seg))
+                seg = seg._replace(rot=choose_rotation(f.fileno(), seg.start, seg.length, seg.width))
             pieces: list[list[int]] = []
             digests: list[str] = []
 
@@ -360,25 +221,25 @@ def encode_file(src: str | os.PathLike, dst: str | os.PathLike, level: int = DEF
 def _read_table(path: Path, f: BinaryIO) -> dict:
     size = os.fstat(f.fileno()).st_size
     if size < 24:
-        raise _corrupt(path, f"{size} bytes, shorter than an empty container")
+        raise corrupt(path, f"{size} bytes, shorter than an empty container")
     f.seek(0)
     head = f.read(8)
     f.seek(size - 16)
     tail = f.read(16)
     if head != MAGIC or tail[8:] != MAGIC:
-        raise _corrupt(path, "no llmpack magic at both ends")
+        raise corrupt(path, "no llmpack magic at both ends")
     (tlen,) = struct.unpack("<Q", tail[:8])
     if tlen > size - 24:
-        raise _corrupt(path, "table length past the start of the file")
+        raise corrupt(path, "table length past the start of the file")
     f.seek(size - 16 - tlen)
     blob = f.read(tlen)
     try:
         plausible = 0 <= zstandard.frame_content_size(blob) <= _MAX_TABLE
         table = json.loads(zstandard.ZstdDecompressor().decompress(blob)) if plausible else None
     except (ValueError, zstandard.ZstdError) as e:
-        raise _corrupt(path, f"unreadable table: {e}") from None
+        raise corrupt(path, f"unreadable table: {e}") from None
     if not isinstance(table, dict) or table.get("format") != FORMAT or not isinstance(table.get("version"), int):
-        raise _corrupt(path, f"not an {FORMAT} table")
+        raise corrupt(path, f"not an {FORMAT} table")
     if table["version"] > VERSION:
         raise UsageError(f"{path} was written by a newer llmshrink (pack format version {table['version']}; "
                          f"this one reads up to {VERSION}); upgrade llmshrink to read it")
@@ -387,7 +248,7 @@ def _read_table(path: Path, f: BinaryIO) -> dict:
         for seg in table["segments"]:
             n, rem = divmod(seg["length"], seg["width"])
             chunks = -(-n // seg["chunk"]) if seg["chunk"] > 0 else 0
-            if (seg["start"] != cursor or rem or n <= 0 or seg["chunk"] <= 0 or seg["width"] not in _UINT
+            if (seg["start"] != cursor or rem or n <= 0 or seg["chunk"] <= 0 or seg["width"] not in UINT
                     or not 0 <= seg["rot"] < 8 * seg["width"] or (seg["width"] == 1 and seg["rot"])):
                 problem = "segments do not tile the original file"
             elif len(seg["pieces"]) != chunks * seg["width"]:
@@ -404,7 +265,7 @@ def _read_table(path: Path, f: BinaryIO) -> dict:
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         problem = f"malformed table: {e!r}"
     if problem:
-        raise _corrupt(path, problem)
+        raise corrupt(path, problem)
     return table
 
 
@@ -437,16 +298,16 @@ def _decode_chunk(path: Path, fd: int, ring: queue.SimpleQueue, job: _Job) -> np
         buf = np.empty(nbytes, np.uint8)
     out = buf[:nbytes]
     if job.width == 1:
-        _decode_piece(path, fd, *job.pieces[0], out)
+        decode_piece(path, fd, *job.pieces[0], out)
     else:
-        planes = _scratch("planes", nbytes).reshape(job.width, job.n)  # [width, n] uint8
+        planes = scratch("planes", nbytes).reshape(job.width, job.n)  # [width, n] uint8
         for k, piece in enumerate(job.pieces):
-            _decode_piece(path, fd, *piece, planes[k])
-        dtype = _UINT[job.width]
-        _from_planes(planes, job.rot, out.view(dtype), _scratch("tmp", nbytes).view(dtype))
-    if job.digest is not None and _digest(out) != job.digest:  # in this thread, while `out` is in cache
-        raise _corrupt(path, f"original bytes [{job.start}, {job.start + nbytes}) decode to a different sha256 "
-                             "than recorded")
+            decode_piece(path, fd, *piece, planes[k])
+        dtype = UINT[job.width]
+        from_planes(planes, job.rot, out.view(dtype), scratch("tmp", nbytes).view(dtype))
+    if job.digest is not None and chunk_digest(out) != job.digest:  # in this thread, while `out` is in cache
+        raise corrupt(path, f"original bytes [{job.start}, {job.start + nbytes}) decode to a different sha256 "
+                            "than recorded")
     return out
 
 
@@ -497,7 +358,7 @@ def iter_decoded(path: str | os.PathLike, threads: int | None = None, verify: st
             yield view
             ring.put(out.base if out.base is not None else out)
     if sha is not None and sha.hexdigest() != table["sha256"]:
-        raise _corrupt(path, "sha256 of the decoded file differs from the recorded one")
+        raise corrupt(path, "sha256 of the decoded file differs from the recorded one")
 
 
 def decode_to_file(src: str | os.PathLike, dst: str | os.PathLike, threads: int | None = None,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..formats import Format, LoadRequest, detect, open_folder, register_format
 from ..io import folder_size
-from .core import SUFFIX, is_packed_folder, materialize
+from .folder import SUFFIX, is_packed_folder, materialize
 
 __all__ = ["PACKED_FORMAT"]
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from ..methods import Context, Method, register
 from . import format as _format  # noqa: F401  (registers the packed format)
-from . import PackConfig, add_cli, pack
+from .cli import add_cli
+from .config import PackConfig
+from .folder import pack
 
 __all__ = ["PACK"]
 

@@ -9,6 +9,7 @@ import torch
 from llmshrink import UsageError
 from llmshrink.delta import DeltaConfig, DeltaModel, compress_delta, load_delta_model
 from llmshrink.delta import algorithm as A
+from llmshrink.delta.codecs import CODECS, KINDS
 from llmshrink.delta.load import META_FILE, read_delta, tensors_sha256
 
 from conftest import tiny_llama
@@ -31,10 +32,10 @@ def test_bitdelta_scale_is_the_l2_optimal_one():
     err = lambda s: (A.signs(parts["sign"], 48) * s - d).norm()  # noqa: E731
     s = parts["scale"]
     assert err(s) < err(s * 1.05) and err(s) < err(s * 0.95)
-    assert torch.equal(A.decode("bitdelta", parts, (64, 48)).sign(), torch.where(d >= 0, 1.0, -1.0))
+    assert torch.equal(CODECS["bitdelta"].decode(parts, (64, 48)).sign(), torch.where(d >= 0, 1.0, -1.0))
     rows = A.bitdelta(d, "row")
     assert rows["scale"].shape == (64, 1)
-    assert (A.decode("bitdelta", rows, (64, 48)) - d).norm() < (A.decode("bitdelta", parts, (64, 48)) - d).norm()
+    assert (CODECS["bitdelta"].decode(rows, (64, 48)) - d).norm() < (CODECS["bitdelta"].decode(parts, (64, 48)) - d).norm()
 
 
 def test_lowrank_rank_and_energy():
@@ -42,7 +43,7 @@ def test_lowrank_rank_and_energy():
     d = torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g)  # rank 3
     parts = A.lowrank(d, rank=3)
     assert parts["u"].shape == (40, 3) and parts["v"].shape == (3, 30)
-    assert torch.allclose(A.decode("lowrank", parts, (40, 30)), d, atol=2e-2 * d.abs().max())
+    assert torch.allclose(CODECS["lowrank"].decode(parts, (40, 30)), d, atol=2e-2 * d.abs().max())
     assert A.lowrank(d, energy=0.999999)["u"].shape[1] == 3  # the fewest directions holding the energy
     assert A.lowrank(d, energy=1e-6)["u"].shape[1] == 1
     with pytest.raises(UsageError, match="rank=31 is larger"):
@@ -52,17 +53,17 @@ def test_lowrank_rank_and_energy():
 def test_dare_drops_share_p_and_rescales_the_rest():
     d = torch.randn(200, 100, generator=torch.Generator().manual_seed(2))
     parts = A.dare(d, 0.75, torch.Generator().manual_seed(0))
-    dense = A.decode("dare", parts, (200, 100))
+    dense = CODECS["dare"].decode(parts, (200, 100))
     kept = dense != 0
     assert abs(kept.float().mean().item() - 0.25) < 0.01
     assert torch.allclose(dense[kept], (d[kept] / 0.25).half().float())
-    assert torch.allclose(A.decode("dare", A.dare(d, 0.0, torch.Generator()), (200, 100)), d.half().float())
+    assert torch.allclose(CODECS["dare"].decode(A.dare(d, 0.0, torch.Generator()), (200, 100)), d.half().float())
 
 
 def test_mixed_bands_top_directions_get_more_bits():
     g = torch.Generator().manual_seed(3)
     d = torch.randn(64, 8, generator=g) @ torch.randn(8, 96, generator=g)
-    errors = [(A.decode("mixed", A.mixed(d, ranks, bits), (64, 96), bits) - d).norm() / d.norm()
+    errors = [(CODECS["mixed"].decode(A.mixed(d, ranks, bits), (64, 96), bits) - d).norm() / d.norm()
               for ranks, bits in (((2,), (8,)), ((2, 6), (8, 3)), ((8,), (8,)))]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.02  # every direction kept at 8 bits: only rounding error
@@ -74,11 +75,36 @@ def test_matmul_and_rows_from_the_compact_form_match_the_dense_delta(kind):
     d = torch.randn(50, 70, generator=g)
     parts = {"bitdelta": lambda: A.bitdelta(d, "row"), "lowrank": lambda: A.lowrank(d, rank=10),
              "dare": lambda: A.dare(d, 0.5, g), "mixed": lambda: A.mixed(d, (2, 8), (8, 3))}[kind]()
-    dense = A.decode(kind, parts, (50, 70), (8, 3))
+    codec = CODECS[kind]
+    dense = codec.decode(parts, (50, 70), (8, 3))
     x = torch.randn(3, 4, 70, generator=g)
-    torch.testing.assert_close(A.delta_matmul(x, kind, parts, (50, 70), (8, 3)), x @ dense.t(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(codec.matmul(x, parts, (50, 70), (8, 3)), x @ dense.t(), rtol=1e-4, atol=1e-4)
     ids = torch.tensor([[0, 7], [49, 7]])
-    torch.testing.assert_close(A.delta_rows(ids, kind, parts, (50, 70), (8, 3)), dense[ids], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(codec.rows(ids, parts, (50, 70), (8, 3)), dense[ids], rtol=1e-5, atol=1e-5)
+    served, served_parts = codec.serving_form(parts, (50, 70), (8, 3), torch.zeros(50, 70))
+    torch.testing.assert_close(served.matmul(x, served_parts, (50, 70), (8, 3)), x @ dense.t(), rtol=1e-4, atol=1e-4)
+    base = torch.randn(50, 70, generator=g).bfloat16()
+    assert torch.equal(codec.apply(base, parts, (50, 70), (8, 3)), (base.float() + dense).bfloat16())
+
+
+def test_codecs_encode_with_their_own_config_fields_and_stored_tensors_apply_as_loading_does():
+    g = torch.Generator().manual_seed(5)
+    d = torch.randn(40, 64, generator=g)
+    config = DeltaConfig(codec="mixed", scale_granularity="row", rank=4, p=0.5, mixed_ranks=(2, 4), mixed_bits=(8, 4))
+    direct = {"bitdelta": A.bitdelta(d, "row"), "lowrank": A.lowrank(d, rank=4),
+              "dare": A.dare(d, 0.5, torch.Generator().manual_seed(0)), "mixed": A.mixed(d, (2, 4), (8, 4))}
+    for name, codec in CODECS.items():
+        coded = codec.encode(d, config, torch.Generator().manual_seed(0))
+        assert coded.keys() == direct[name].keys() and all(torch.equal(coded[k], direct[name][k]) for k in coded)
+    base, finetuned = torch.randn(40, 64, generator=g), torch.randn(40, 64, generator=g).half()
+    assert torch.equal(KINDS["full"].apply(base, {"full": finetuned}, (40, 64)), finetuned.float())
+    exact = {"exact": (finetuned.float() - base).half()}
+    assert torch.equal(KINDS["exact"].apply(base, exact, (40, 64)), base + exact["exact"].float())
+    served, parts = KINDS["full"].serving_form({"full": finetuned}, (40, 64), (), base)
+    assert served is KINDS["exact"] and torch.equal(parts["exact"], finetuned.float() - base)
+    assert list(CODECS) == ["bitdelta", "lowrank", "dare", "mixed"]
+    with pytest.raises(UsageError, match="use one of bitdelta, lowrank, dare, mixed"):
+        DeltaConfig(codec="svd")
 
 
 # ---- the 1-bit kernel ----------------------------------------------------------------------------
@@ -88,7 +114,7 @@ def _sign_case(rows, out, n, per_row, dtype, device):
     d = torch.randn(out, n, generator=g)
     parts = A.bitdelta(d, "row" if per_row else "tensor")
     x = torch.randn(rows, n, generator=g).to(dtype)
-    expected = (x.float() @ A.decode("bitdelta", parts, (out, n)).t()).to(dtype)
+    expected = (x.float() @ CODECS["bitdelta"].decode(parts, (out, n)).t()).to(dtype)
     return x.to(device), parts["sign"].to(device), parts["scale"].to(device), expected
 
 

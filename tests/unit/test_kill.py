@@ -94,7 +94,7 @@ def test_quantize_killed_then_rerun(source, quantized, tmp_path, kill):
 def test_pack_killed_then_rerun(source, tmp_path):
     assert main(["pack", str(source / "tiny"), "--out", str(tmp_path / "whole")]) == 0
     killed = run_cli(["pack", str(source / "tiny"), "--out", str(tmp_path / "p")],
-                     kill=("llmshrink.pack", "_copy", 1))  # the safetensors file is coded, copies not yet made
+                     kill=("llmshrink.pack.folder", "_copy", 1))  # the safetensors file is coded, copies not yet made
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     stray = [p for p in tmp_path.iterdir() if p.name.startswith(".p.tmp-")]
     assert stray and any(stray[0].rglob("*.llmpack")) and not (tmp_path / "p").exists()

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llmshrink.pack import codec as pack_codec
 from llmshrink.errors import UsageError
+from llmshrink.pack import codec as pack_codec
+from llmshrink.pack import planes as pack_planes
 from llmshrink.pack import MANIFEST, add_cli, is_packed_folder, materialize, pack_folder, unpack_folder
 
 
@@ -61,19 +62,19 @@ def every_dtype() -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("width", [2, 4, 8])
-@pytest.mark.parametrize("rot", list(pack_codec.ROTATIONS))
+@pytest.mark.parametrize("rot", list(pack_planes.ROTATIONS))
 def test_planes_invert_exactly_for_every_width_and_rotation(width, rot):
-    dtype = pack_codec._UINT[width]
+    dtype = pack_planes.UINT[width]
     u = np.random.default_rng(width * 10 + rot).integers(0, 256, 4096 * width, dtype=np.uint8).view(dtype)
-    planes = np.stack(pack_codec._to_planes(u.tobytes(), width, rot))  # [width, n] uint8
+    planes = np.stack(pack_planes.to_planes(u.tobytes(), width, rot))  # [width, n] uint8
     out, tmp = np.empty_like(u), np.empty_like(u)
-    pack_codec._from_planes(planes, rot, out, tmp)
+    pack_planes.from_planes(planes, rot, out, tmp)
     assert np.array_equal(out, u)
 
 
 def test_rotation_one_makes_the_top_plane_the_bf16_exponent():
     x = torch.tensor([1.0, -1.0, 2.0, -0.5]).bfloat16()
-    top = pack_codec._to_planes(x.view(torch.int16).numpy().tobytes(), 2, 1)[1]
+    top = pack_planes.to_planes(x.view(torch.int16).numpy().tobytes(), 2, 1)[1]
     assert top.tolist() == [127, 127, 128, 126]  # the biased exponents, sign gone to the low plane
 
 
@@ -270,7 +271,7 @@ def test_failure_midway_leaves_no_half_folder(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("llmshrink.pack.core.encode_file", failing)
+    monkeypatch.setattr("llmshrink.pack.folder.encode_file", failing)
     with pytest.raises(KeyboardInterrupt):
         pack_folder(src, tmp_path / "packed")
     assert not (tmp_path / "packed").exists() and not leftovers(tmp_path)
@@ -328,7 +329,7 @@ def test_materialize_decodes_once_into_the_cache(packed, tmp_path, monkeypatch):
     monkeypatch.setenv("LLMSHRINK_CACHE", str(tmp_path / "cache"))
     out = materialize(packed)
     assert out.parent == tmp_path / "cache" / "unpacked" and tree(out) == tree(tmp_path / "src")
-    monkeypatch.setattr("llmshrink.pack.core.unpack_folder", lambda *a, **k: pytest.fail("decoded twice"))
+    monkeypatch.setattr("llmshrink.pack.folder.unpack_folder", lambda *a, **k: pytest.fail("decoded twice"))
     assert materialize(packed) == out
     (packed / "config.json").write_text('{"model_type": "mistral"}\n')  # a changed copy is not served stale
     monkeypatch.undo()

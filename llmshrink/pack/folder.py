@@ -1,4 +1,4 @@
-"""Lossless packing of checkpoint folders: `llmshrink pack` / `llmshrink unpack`.
+"""Lossless packing of checkpoint folders (`llmshrink pack` / `llmshrink unpack`, see cli.py).
 
 `pack_folder` entropy-codes every safetensors file of a folder (single file or sharded, written
 by anyone) with the byte-plane + zstd codec of `llmshrink.pack.codec`; `unpack_folder` gives
@@ -26,7 +26,6 @@ packed folder once into llmshrink's cache and returns the plain folder there.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -39,12 +38,13 @@ from pathlib import Path
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from ..config import MethodConfig
 from ..errors import UsageError
 from ..io import atomic_dir, cache_dir, prepare_out, sha256_file
 from .codec import DEFAULT_LEVEL, FORMAT, VERIFY, VERSION, decode_to_file, encode_file, read_table
+from .config import PackConfig
 
-__all__ = ["MANIFEST", "PackConfig", "PackSummary", "pack_folder", "unpack_folder", "is_packed_folder", "materialize", "add_cli"]
+__all__ = ["MANIFEST", "SUFFIX", "PackSummary", "pack", "pack_folder", "unpack_folder", "is_packed_folder",
+           "materialize"]
 
 log = logging.getLogger(__name__)
 
@@ -108,33 +108,10 @@ def _copy(src: Path, out: Path, names: list[str]) -> None:
         shutil.copyfile(src / name, out / name)
 
 
-@dataclass
-class PackConfig(MethodConfig):
-    """Lossless packing of a checkpoint folder (the `pack` pipeline step; `llmshrink pack`).
-
-    Args:
-        level: zstd level of the match-finding candidate per chunk (1-22; 0 = Huffman literals only).
-        threads: coding threads (None: os.cpu_count()).
-    """
-
-    METHOD = "pack"
-
-    level: int = DEFAULT_LEVEL
-    threads: int | None = None
-
-    def validate(self) -> None:
-        if not isinstance(self.level, int) or not 0 <= self.level <= 22:
-            raise UsageError(f"level={self.level} is outside 0-22; use 0 (Huffman only) to 22, e.g. {DEFAULT_LEVEL}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads={self.threads} is not a thread count; use 1 or more, or leave it out")
-
-
 def pack(src: str | os.PathLike, config: PackConfig, out: str | os.PathLike, overwrite: bool = False,
          progress: bool = False) -> PackSummary:
     """`pack_folder` with the settings of a PackConfig."""
     return pack_folder(src, out, level=config.level, threads=config.threads, overwrite=overwrite, progress=progress)
-
-
 
 
 def pack_folder(src: str | os.PathLike, out: str | os.PathLike, level: int = DEFAULT_LEVEL, threads: int | None = None,
@@ -304,68 +281,3 @@ def materialize(path: str | os.PathLike, threads: int | None = None, progress: b
             log.info("decoding packed checkpoint %s into %s", folder, out)
             unpack_folder(folder, out, threads=threads, progress=progress)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
-
-
-def _cmd_pack(args: argparse.Namespace) -> int:
-    s = pack_folder(args.model, args.out, level=args.level, threads=args.threads, overwrite=args.overwrite,
-                    progress=True)
-    print(f"packed {s.files} safetensors file(s): {_mb(s.tensor_bytes)} -> {_mb(s.packed_bytes)} ({s.ratio:.3f}x); "
-          f"folder {_mb(s.folder_bytes_in)} -> {_mb(s.folder_bytes_out)}; {s.seconds:.1f} s; written to {s.out}")
-    return 0
-
-
-def _cmd_unpack(args: argparse.Namespace) -> int:
-    s = unpack_folder(args.packed, args.out, threads=args.threads, overwrite=args.overwrite, progress=True,
-                      verify="both" if args.verify_file else "chunks")
-    rate = s.tensor_bytes / max(s.seconds, 1e-9) / 1e9
-    checked = "chunk and whole-file sha256" if args.verify_file else "chunk sha256"
-    print(f"unpacked {s.files} safetensors file(s): {_mb(s.packed_bytes)} -> {_mb(s.tensor_bytes)} ({s.ratio:.3f}x), "
-          f"{checked} verified; {s.seconds:.1f} s ({rate:.2f} GB/s); written to {s.out}")
-    return 0
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
-    return int(text)
-
-
-def _level(text: str) -> int:
-    if not text.isdigit() or int(text) > 22:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a zstd level; use 1-22, or 0 for Huffman literals only")
-    return int(text)
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `pack` and `unpack` sub-commands to llmshrink's command line."""
-    p = subparsers.add_parser("pack", help="lossless compression of a safetensors checkpoint folder",
-                              description="Entropy-code every safetensors file of a folder (byte planes + zstd); "
-                                          "'llmshrink unpack' restores it byte for byte.")
-    p.add_argument("model", metavar="DIR", help="checkpoint folder (single or sharded safetensors)")
-    p.add_argument("--out", required=True, help="packed folder to write")
-    p.add_argument("--level", type=_level, default=DEFAULT_LEVEL,
-                   help=f"zstd level tried on each chunk beside Huffman-only coding; higher packs slower, "
-                        f"0 = Huffman only (default {DEFAULT_LEVEL})")
-    p.add_argument("--threads", type=_count, help="coding threads (default: all CPUs)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=_cmd_pack)
-
-    p = subparsers.add_parser("unpack", help="restore a packed checkpoint folder byte for byte",
-                              description="Decode a folder written by 'llmshrink pack', checking every chunk "
-                                          "against its recorded sha256.")
-    p.add_argument("packed", metavar="DIR", help="folder written by 'llmshrink pack'")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--threads", type=_count, help="decoding threads (default: all CPUs)")
-    p.add_argument("--verify-file", action="store_true",
-                   help="also recompute each file's whole sha256 (the Hub's LFS hash) and compare it with the "
-                        "recorded one; slower, sequential")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=_cmd_unpack)
