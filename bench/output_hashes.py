@@ -100,7 +100,8 @@ def main() -> int:
     what.add_argument("--check", type=Path, help="compare against this JSON file; exit 1 on a difference")
     ap.add_argument("--only", default=",".join(COMMANDS), help="comma-separated subset of: " + ", ".join(COMMANDS))
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llmshrink-output-hashes",
-                    help="scratch folder, emptied first; fixed, since outputs record their input paths")
+                    help="scratch folder, emptied first (default the one the record was made in: a delta folder records "
+                         "its fine-tune's path, so --check needs the same --work as --record)")
     args = ap.parse_args()
     only = [n for n in args.only.split(",") if n]
     unknown = [n for n in only if n not in COMMANDS]
