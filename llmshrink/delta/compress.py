@@ -114,7 +114,7 @@ def distill_scales(base_folder: Path, finetuned_folder: Path, tensors: dict[str,
     Returns {"steps", "kl_first", "kl_last"} (mean KL of the first and last 10% of steps)."""
     from transformers import AutoModelForCausalLM
 
-    from ..gptq.apply import native_bf16_cpu
+    from ..kernels.cpu import native_bf16_cpu
 
     teacher = AutoModelForCausalLM.from_pretrained(finetuned_folder, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
