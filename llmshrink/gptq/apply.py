@@ -26,7 +26,7 @@ from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
 from ..errors import Interrupted, UsageError
 from ..io import atomic_dir, fingerprint, fingerprint_change, prepare_out, tensor_sha256
 from ..safetensors_io import StoredTensor, TensorIndex, save_shards, save_tensors
-from .algorithm import DEFAULT_SHRINK_GRID, accumulate_hessian, gptq_quantize, rtn_quantize
+from .algorithm import accumulate_hessian
 from .compat import vllm_limits, whole_group_size
 from .config import GPTQConfig
 from .packing import pack_gptq
@@ -265,20 +265,6 @@ def _replay_block(layer, steps, i: int, hidden_size: int) -> torch.nn.Module | N
     return None if any(n.split(".", 1)[0] == child for n in later) else layer.get_submodule(child)
 
 
-def _quantize_weight(weight: torch.Tensor, H, config: GPTQConfig):
-    grid = DEFAULT_SHRINK_GRID if config.clip_search else (1.0,)
-    if config.algorithm == "rtn":
-        return rtn_quantize(weight, config.bits, config.group_size, config.sym, grid,
-                            None if H is None else torch.diag(H))
-    return gptq_quantize(weight, H, config.bits, config.group_size, sym=config.sym,
-                         desc_act=config.desc_act, static_groups=config.static_groups,
-                         damp_percent=config.damp_percent, shrink_grid=grid)
-
-
-def _needs_hessian(config: GPTQConfig) -> bool:
-    return not (config.algorithm == "rtn" and not config.clip_search)
-
-
 def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
                     dtype: torch.dtype = torch.float32) -> tuple[dict, dict, list, bool]:
     """Quantize one loaded (float32) layer in place: weights are replaced by their dequantized
@@ -290,7 +276,7 @@ def _quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
     outputs for the calibration inputs, empty when no activations are needed, and whether the
     layer returns them in a tuple)."""
     steps = layer_linears(layer, spec)
-    needs_h = _needs_hessian(config)
+    needs_h = config.needs_activations
     masters = {name: p.data for name, p in layer.named_parameters()}  # float32, what is quantized and saved
     for p in layer.parameters():
         p.data = p.data.to(dtype)
@@ -343,7 +329,7 @@ def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: s
         batches.setdefault(json.dumps(item[2].to_dict(), sort_keys=True), []).append(item)
     for batch in batches.values():
         mconf = batch[0][2]
-        result = _quantize_weight(torch.cat([masters[f"{name}.weight"] for name, _, _ in batch]), H, mconf)
+        result = mconf.solver.quantize(torch.cat([masters[f"{name}.weight"] for name, _, _ in batch]), H, mconf)
         row = 0
         for name, mod, _ in batch:
             rows = slice(row, row + mod.out_features)
@@ -442,7 +428,7 @@ def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) ->
 def _stored_desc_act(config: GPTQConfig) -> bool:
     """The layout's desc_act: act-order with static groups stores g_idx = i // group_size, which
     readers must be told is no reordering (vLLM refuses desc_act=True checkpoints)."""
-    return config.desc_act and config.algorithm == "gptq" and not config.static_groups
+    return config.act_order and not config.static_groups
 
 
 def _run_change(saved: dict, now: dict) -> str:
@@ -476,7 +462,7 @@ def _quantization_config(config: GPTQConfig, calib_info: dict, stats: dict, requ
     }
     if config.dynamic:
         qc["dynamic"] = config.to_gptq_dynamic()
-    qc["llmshrink"] = {"config": config.to_dict(), "act_order": config.desc_act and config.algorithm == "gptq",
+    qc["llmshrink"] = {"config": config.to_dict(), "act_order": config.act_order,
                        "group_size_requested": requested_group_size, "vllm_servable": vllm["gpu"] is None,
                        "vllm_cpu_servable": vllm["cpu"] is None, "calibration": calib_info, "modules": stats}
     if vllm["gpu"] or vllm["cpu"]:
@@ -545,7 +531,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
 
-    needs_h = _needs_hessian(config)
+    needs_h = config.needs_activations
     inputs = _capture_first_inputs(model, layers, calib, dtype) if needs_h else []  # plain RTN: no activations
     if done and needs_h:
         saved = load_file(str(partial / "inputs.safetensors"))["hidden"]
