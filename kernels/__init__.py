@@ -21,7 +21,7 @@ from collections import Counter
 
 import torch
 
-from .base import Kernel, sorted_groups
+from .base import Kernel, PackedLinear, sorted_groups
 from .cpu import Int4CpuKernel, Int8CpuKernel, TiledDequantKernel
 from .reference import ReferenceKernel
 from .triton_gptq import TritonKernel
@@ -35,7 +35,7 @@ KERNELS: dict[str, type[Kernel]] = {k.name: k for k in (TritonKernel, Int4CpuKer
 SLOW = ("torch-dequant", "reference")  # dequantize per call: correct everywhere, slower than dense
 
 
-def select_kernel(layer, device: torch.device | str, dtype: torch.dtype, override: str | None = None) -> Kernel:
+def select_kernel(layer: PackedLinear, device: torch.device | str, dtype: torch.dtype, override: str | None = None) -> Kernel:
     """The kernel that will compute `layer` for activations of `dtype` on `device`, built."""
     device = torch.device(device)
     name = override or os.environ.get("LLMSHRINK_KERNEL") or None
@@ -55,19 +55,18 @@ def select_kernel(layer, device: torch.device | str, dtype: torch.dtype, overrid
 
 def prepare_kernels(model: torch.nn.Module, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> Counter:
-    """Select and build the kernel of every QuantLinear in `model` now (at load time rather than
-    at the first forward); logs and returns how many linears each kernel serves."""
-    from ..gptq.linear import QuantLinear
-
+    """Select and build the kernel of every quantized linear (QuantLinear, or any module with
+    `use_kernel`: see `PackedLinear`) in `model` now, at load time rather than at the first forward;
+    logs and returns how many linears each kernel serves."""
     chosen: Counter = Counter()
     slow: dict[str, str] = {}  # first slow-path module -> why the fast kernels refused it
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if callable(getattr(type(module), "use_kernel", None)):
             where = torch.device(device or module.qweight.device)
             kind = dtype or module.compute_dtype
-            module.use_kernel(where, kind)
-            chosen[module.kernel.name] += 1
-            if module.kernel.name in SLOW and not slow:
+            kernel = module.use_kernel(where, kind)
+            chosen[kernel.name] += 1
+            if kernel.name in SLOW and not slow:
                 fast = [cls for cls in KERNELS.values() if cls.name not in SLOW and
                         (cls.automatic is None or where.type in cls.automatic)]
                 slow[name] = "; ".join(f"{cls.name}: {cls.supports(module, where, kind)}" for cls in fast)

@@ -31,11 +31,18 @@ import torch
 import torch.nn.functional as F
 
 from .base import Kernel, sorted_groups, unpacked_codes, unpacked_zeros
+from .layout import unpack_rows
 
-__all__ = ["Int4CpuKernel", "Int8CpuKernel", "TiledDequantKernel"]
+__all__ = ["Int4CpuKernel", "Int8CpuKernel", "TiledDequantKernel", "native_bf16_cpu"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INT4_GROUPS = (256, 128, 64, 32)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 forwards pay there."""
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() \
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def _sub_group(size: int) -> int | None:
@@ -186,8 +193,6 @@ class TiledDequantKernel(Kernel):
         """[in, cols] codes of output features `cols` in the kernel's dtype, input channels in `perm` order."""
         words = self.qweight[:, cols]
         if self.shifts is None:  # 3-bit codes straddle words
-            from ..gptq.packing import unpack_rows  # lazily, as in base.py: `kernels` must import standalone
-
             codes = unpack_rows(words, self.bits, self.in_features)
         else:
             codes = ((words[:, None, :] >> self.shifts) & ((1 << self.bits) - 1)).flatten(0, 1)

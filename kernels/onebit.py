@@ -13,10 +13,19 @@ import os
 
 import torch
 
+try:  # Triton is a Linux-only dependency; without it the reference serves every device.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on platforms without triton
+    triton = None
+
+from .gpu_compile import TRITON_TYPE, compile_for_gpu
+from .triton_gptq import FP32_PRECISION
+
 __all__ = ["sign_matmul", "sign_matmul_reference", "sign_matmul_triton", "compile_report"]
 
-_TILE_ROWS = 2048
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # output rows unpacked at a time by the reference
+_TILE_ROWS = 2048  # output rows unpacked at a time by the reference
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def sign_matmul_reference(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -33,15 +42,7 @@ def sign_matmul_reference(x: torch.Tensor, words: torch.Tensor, scale: torch.Ten
     return (y * scale).reshape(*x.shape[:-1], words.shape[0])
 
 
-try:  # Triton is a Linux-only dependency; without it the reference serves every device.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on platforms without triton
-    triton = None
-
 if triton is not None:
-    from .triton_gptq import FP32_PRECISION
-
     _SPACE = ((16, 64, 2, 4), (16, 128, 2, 4), (32, 64, 4, 4), (64, 128, 2, 8))  # BLOCK_M, BLOCK_N, words, warps
     _STAGES = 2  # pipelining depth, as in the GPTQ kernel (Triton's default 3 needs ~1.6x the shared memory)
     _FP32_PRECISION = tl.constexpr(FP32_PRECISION)
@@ -103,9 +104,7 @@ def sign_matmul_triton(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor
 def compile_report(block: tuple[int, int, int, int], *, dtype: torch.dtype = torch.float16, per_row: bool = True,
                    arch: int = 90) -> dict:
     """Compile the kernel for sm_`arch` with one block shape of its autotune space (BLOCK_M, BLOCK_N,
-    words per BLOCK_K, warps), as a GPU launch builds it, on a machine without a GPU (kernels.aot)."""
-    from .aot import TRITON_TYPE, compile_for_gpu
-
+    words per BLOCK_K, warps), as a GPU launch builds it, on a machine without a GPU (kernels.gpu_compile)."""
     t = TRITON_TYPE[dtype]
     m, nb, kw, warps = block
     constexprs = dict(PER_ROW=per_row, NATIVE=dtype != torch.float32, BLOCK_M=m, BLOCK_N=nb, BLOCK_K=32 * kw)

@@ -37,6 +37,8 @@ import os
 import torch
 
 from .base import Kernel, sorted_groups, unpacked_codes
+from .gpu_compile import TRITON_TYPE, compile_for_gpu
+from .layout import pack_rows
 
 __all__ = ["TritonKernel", "gptq_matmul", "compile_report"]
 
@@ -231,9 +233,7 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
 def compile_report(config: dict, *, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
                    has_bias: bool = False, arch: int = 90) -> dict:
     """Compile the kernel for sm_`arch` with one of CONFIGS, as `gptq_matmul` launches it, on a machine
-    without a GPU (kernels.aot): its registers, spill bytes and shared memory per program."""
-    from .aot import TRITON_TYPE, compile_for_gpu
-
+    without a GPU (kernels.gpu_compile): its registers, spill bytes and shared memory per program."""
     t = TRITON_TYPE[dtype]
     y = "fp32" if config["SPLIT_K"] > 1 else t
     signature = {"x_ptr": f"*{t}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "g_ptr": "*i32",
@@ -262,8 +262,6 @@ class TritonKernel(Kernel):
         return None
 
     def __init__(self, layer, device, dtype):
-        from ..gptq.packing import pack_rows
-
         super().__init__(layer, device, dtype)
         layout = sorted_groups(layer.g_idx, layer.group_size)
         self.group_size = 0 if layout is None else layout[1]  # 0: hand-made groups, read g_idx per row

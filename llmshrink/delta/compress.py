@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..arch import checkpoint_names
 from ..calibration import resolve_calibration
 from ..errors import UsageError
-from ..gptq.apply import native_bf16_cpu
 from ..io import atomic_dir, prepare_out
+from ..kernels.cpu import native_bf16_cpu
 from ..models import resolve_model
 from ..safetensors_io import TensorIndex, save_tensors
 from .algorithm import signs as sign_planes

@@ -1,8 +1,13 @@
 """GPTQ-style weight quantization.
 
-`algorithm.py` holds the tensor math, `packing.py` the standard GPTQ checkpoint layout,
-`apply.py` the layer-by-layer walker, `linear.py` / `load.py` / `hf.py` the quantized module and
-its loading (the matmul itself is in `llmshrink.kernels`), `config.py` the `GPTQConfig`.
+`quantize.py` is the entry point (`llmshrink.quantize`); `config.py` holds `GPTQConfig` and the
+table of algorithms (GPTQ, round-to-nearest) it names; `algorithm.py` the tensor math;
+`packing.py` the standard GPTQ checkpoint tensors (their bit layout is `llmshrink.kernels.layout`).
+Quantizing a checkpoint: `apply.py` walks the model layer by layer, `passes.py` runs the
+calibration forwards, `layers.py` quantizes a layer's linears and the head, `resume.py` keeps the
+`.partial` folder an interrupted run resumes from, `write.py` writes the checkpoint.
+Loading: `linear.py` / `load.py` / `hf.py`, the quantized module and its loaders (the matmul
+itself is in `llmshrink.kernels`); `compat.py` what vLLM reads.
 """
 
 from .algorithm import QuantResult, accumulate_hessian, gptq_quantize, rtn_quantize

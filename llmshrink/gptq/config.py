@@ -1,18 +1,85 @@
-"""`GPTQConfig`: how to quantize, per model and per module."""
+"""`GPTQConfig`: how to quantize, per model and per module; `ALGORITHMS`: what its `algorithm` names.
+
+Round-to-nearest is one entry of `ALGORITHMS` (`algorithm="rtn"`), and code asks the entry (its
+`quantize`, `needs_hessian`, `act_order`) rather than comparing names. `RTNConfig` is only a
+preset of `GPTQConfig` with that algorithm, registered under its own method name so recipes can
+write `- {method: rtn}`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, ClassVar
+
+import torch
 
 from ..config import MethodConfig
 from ..errors import UsageError
+from .algorithm import DEFAULT_SHRINK_GRID, QuantResult, gptq_quantize, rtn_quantize
 from .packing import SUPPORTED_BITS
 
-__all__ = ["GPTQConfig", "RTNConfig"]
+__all__ = ["ALGORITHMS", "Algorithm", "GPTQConfig", "RTNConfig"]
 
 _OVERRIDABLE = ("bits", "group_size", "desc_act", "sym", "damp_percent", "static_groups")
+
+
+class Algorithm:
+    """How weights are solved for `GPTQConfig.algorithm`: one stateless entry of `ALGORITHMS`."""
+
+    name: ClassVar[str]
+
+    def needs_hessian(self, config: GPTQConfig) -> bool:
+        """Whether `quantize` takes the Hessian of the weight's inputs (else it gets None)."""
+        raise NotImplementedError
+
+    def act_order(self, config: GPTQConfig) -> bool:
+        """Whether the input channels are quantized in act-order."""
+        raise NotImplementedError
+
+    def quantize(self, weight: torch.Tensor, H: torch.Tensor | None, config: GPTQConfig) -> QuantResult:
+        """Codes, grid and dequantized weight of `weight` [out, in] with `config`'s grid."""
+        raise NotImplementedError
+
+
+class _GPTQ(Algorithm):
+    """GPTQ: columns quantized one by one with error feedback through the inverse Hessian."""
+
+    name = "gptq"
+
+    def needs_hessian(self, config):
+        return True
+
+    def act_order(self, config):
+        return config.desc_act
+
+    def quantize(self, weight, H, config):
+        return gptq_quantize(weight, H, config.bits, config.group_size, sym=config.sym, desc_act=config.desc_act,
+                             static_groups=config.static_groups, damp_percent=config.damp_percent,
+                             shrink_grid=_shrink_grid(config))
+
+
+class _RoundToNearest(Algorithm):
+    """Round to nearest on each group's grid; the Hessian's diagonal only weighs the clip search."""
+
+    name = "rtn"
+
+    def needs_hessian(self, config):
+        return config.clip_search
+
+    def act_order(self, config):
+        return False
+
+    def quantize(self, weight, H, config):
+        return rtn_quantize(weight, config.bits, config.group_size, config.sym, _shrink_grid(config),
+                            None if H is None else torch.diag(H))
+
+
+def _shrink_grid(config: GPTQConfig) -> tuple[float, ...]:
+    return DEFAULT_SHRINK_GRID if config.clip_search else (1.0,)
+
+
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (_GPTQ(), _RoundToNearest())}
 
 
 @dataclasses.dataclass
@@ -66,8 +133,8 @@ class GPTQConfig(MethodConfig):
 
     def validate(self) -> None:
         _check_grid(self.bits, self.group_size, self.damp_percent, where="")
-        if self.algorithm not in ("gptq", "rtn"):
-            raise UsageError(f"algorithm='{self.algorithm}' is not known; use 'gptq' or 'rtn'")
+        if self.algorithm not in ALGORITHMS:
+            raise UsageError(f"algorithm='{self.algorithm}' is not known; use {' or '.join(map(repr, ALGORITHMS))}")
         if self.calib_dtype not in ("auto", "float32", "bfloat16"):
             raise UsageError(f"calib_dtype='{self.calib_dtype}' is not known; use 'auto', 'float32' or 'bfloat16'")
         for key, overrides in self.dynamic.items():
@@ -83,6 +150,21 @@ class GPTQConfig(MethodConfig):
                 raise UsageError(f"dynamic['{key}'] cannot override '{bad[0]}'; overridable: {', '.join(_OVERRIDABLE)}")
             merged = {**dataclasses.asdict(self), **overrides}
             _check_grid(merged["bits"], merged["group_size"], merged["damp_percent"], where=f" in dynamic['{key}']")
+
+    @property
+    def solver(self) -> "Algorithm":
+        """The entry of `ALGORITHMS` that `algorithm` names."""
+        return ALGORITHMS[self.algorithm]
+
+    @property
+    def needs_activations(self) -> bool:
+        """Whether quantizing runs calibration forwards (a Hessian of each linear's inputs)."""
+        return self.solver.needs_hessian(self)
+
+    @property
+    def act_order(self) -> bool:
+        """Whether input channels are quantized in act-order (desc_act where the algorithm has one)."""
+        return self.solver.act_order(self)
 
     def for_module(self, name: str) -> "GPTQConfig | None":
         """The config that applies to module `name`, or None if it is skipped."""
@@ -105,15 +187,16 @@ class GPTQConfig(MethodConfig):
 
 @dataclasses.dataclass
 class RTNConfig(GPTQConfig):
-    """Round-to-nearest quantization: `GPTQConfig` with algorithm "rtn" (no calibration forwards
-    unless `clip_search`), registered as its own method so pipelines can name the step `rtn`."""
+    """Round-to-nearest quantization: `GPTQConfig` preset to algorithm "rtn" (no calibration
+    forwards unless `clip_search`), registered as its own method so pipelines can name the step
+    `rtn`. Nothing else tells it apart: the code decides by `algorithm`, as for GPTQConfig."""
 
     METHOD = "rtn"
 
-    algorithm: str = "rtn"
+    algorithm: str = _RoundToNearest.name
 
     def validate(self) -> None:
-        if self.algorithm != "rtn":
+        if self.algorithm != _RoundToNearest.name:
             raise UsageError(f"an rtn step has algorithm='rtn', not '{self.algorithm}'; use a gptq step for GPTQ")
         super().validate()
 

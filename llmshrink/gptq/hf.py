@@ -24,6 +24,7 @@ from transformers.utils import is_gptqmodel_available, is_optimum_available
 
 from ..arch import checkpoint_names
 from ..errors import UsageError
+from ..kernels import prepare_kernels
 from ..safetensors_io import TensorIndex
 from .load import default_load_dtype, log_load_dtype, replace_linears
 
@@ -76,8 +77,6 @@ class LlmshrinkGptqHfQuantizer(HfQuantizer):
         logger.info("llmshrink: %d GPTQ linears loaded as QuantLinear", len(replaced))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from ..kernels import prepare_kernels
-
         prepare_kernels(model)
         return model
 

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from ..kernels import Kernel, select_kernel
 from .packing import SUPPORTED_BITS, dequantize_gptq
 
 __all__ = ["QuantLinear"]
@@ -59,10 +60,8 @@ class QuantLinear(nn.Module):
         """[out, in] float32 weight these buffers encode."""
         return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
 
-    def use_kernel(self, device: torch.device | str, dtype: torch.dtype, override: str | None = None):
+    def use_kernel(self, device: torch.device | str, dtype: torch.dtype, override: str | None = None) -> Kernel:
         """Select and build the kernel for activations of `dtype` on `device` (see llmshrink.kernels)."""
-        from ..kernels import select_kernel
-
         self.kernel = select_kernel(self, device, dtype, override)
         return self.kernel
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..arch import checkpoint_names
 from ..errors import UsageError
+from ..kernels import prepare_kernels
+from ..kernels.cpu import native_bf16_cpu
 from ..safetensors_io import TensorIndex
-from .apply import native_bf16_cpu
 from .linear import QuantLinear
 
 __all__ = ["default_load_dtype", "log_load_dtype", "load_quantized", "is_gptq_checkpoint", "quant_method", "replace_linears"]
@@ -114,8 +116,6 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     Which linears are quantized is read from the checkpoint itself (every `*.qweight`), their
     bits from the packed shapes, their group size from the config (and its `dynamic` overrides).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if not is_gptq_checkpoint(config):
@@ -143,7 +143,5 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     for name, buf in model.named_buffers():  # non-persistent buffers (rotary tables) built on meta
         if buf.device.type == "meta":
             raise UsageError(f"{name} could not be materialised")
-    from ..kernels import prepare_kernels
-
     prepare_kernels(model)
     return model.eval()

@@ -18,8 +18,12 @@ def run(source: str, config: GPTQConfig, out: Path, context: Context) -> None:
              **context.calibration_kwargs())
 
 
-GPTQ = register(Method(config=GPTQConfig, run=run, output="quantized", needs_calibration=True,
+def needs_calibration(config: GPTQConfig) -> bool:
+    return config.needs_activations  # GPTQ's Hessians, or RTN's range search
+
+
+GPTQ = register(Method(config=GPTQConfig, run=run, output="quantized", needs_calibration=needs_calibration,
                        headline=("bits", "group_size"), hub_tags=("gptq",), add_cli=add_cli))
 RTN = register(Method(config=RTNConfig, run=run, output="quantized",
-                      needs_calibration=lambda config: config.clip_search,  # the range search reads activations
+                      needs_calibration=needs_calibration,
                       headline=("bits", "group_size"), hub_tags=("rtn",)))

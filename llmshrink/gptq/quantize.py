@@ -7,16 +7,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoConfig
 
-from ..calibration import calibration_windows, check_seqlen
+from ..auto import load_tokenizer
+from ..calibration import check_seqlen, resolve_calibration
 from ..errors import UsageError
 from ..io import prepare_out
-from .apply import quantize_checkpoint
-from .config import GPTQConfig, RTNConfig
-from ..auto import load_tokenizer
 from ..models import resolve_model
+from .apply import quantize_checkpoint
+from .config import GPTQConfig
 
-__all__ = ["quantize"]
+__all__ = ["quantize", "quantize_checkpoint"]
 
 
 def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str | torch.Tensor | None = None,
@@ -27,7 +29,7 @@ def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str
     Args:
         model: packaged name, folder or Hub id (quantized one layer at a time from its safetensors),
             or a loaded transformers model (saved to a temp folder first).
-        config: a GPTQConfig (algorithm "gptq" or "rtn"), or an RTNConfig.
+        config: a GPTQConfig (algorithm "gptq" or "rtn"; RTNConfig is the "rtn" preset).
         out: checkpoint folder to write.
         calibration: None for the packaged wiki text's calibration half, a path to a local
             .txt/.jsonl file, or [nsamples, seqlen] token ids.
@@ -47,19 +49,9 @@ def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str
             source = Path(resolve_model(model))
             tokenizer_source = str(source)
             if not source.is_dir():
-                from huggingface_hub import snapshot_download
-
                 source = Path(snapshot_download(str(model), local_files_only=True))
-        from transformers import AutoConfig
-
         check_seqlen(AutoConfig.from_pretrained(source, trust_remote_code=False),
                      calibration.shape[1] if isinstance(calibration, torch.Tensor) else seqlen)
-        if isinstance(calibration, torch.Tensor):
-            calib, info = calibration.long(), {"source": "tensor", "shape": list(calibration.shape)}
-        else:
-            tokenizer = load_tokenizer(tokenizer_source)
-            text_source = calibration or "wiki"
-            calib = calibration_windows(tokenizer, text_source, nsamples, seqlen, seed)
-            info = {"source": "wiki (calibration half)" if text_source == "wiki" else os.path.basename(text_source),
-                    "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+        tokenizer = None if isinstance(calibration, torch.Tensor) else load_tokenizer(tokenizer_source)
+        calib, info = resolve_calibration(tokenizer, calibration, nsamples, seqlen, seed)
         return quantize_checkpoint(source, config, calib, out, calib_info=info, overwrite=overwrite, progress=progress)

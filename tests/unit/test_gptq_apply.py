@@ -8,8 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmshrink import UsageError
-from llmshrink.gptq import apply as gptq_apply
-from llmshrink.gptq.apply import quantize_checkpoint
+from llmshrink.gptq import layers as gptq_layers, passes as gptq_passes, resume as gptq_resume
+from llmshrink.gptq.quantize import quantize_checkpoint
 from llmshrink.gptq.config import GPTQConfig
 from llmshrink.gptq.linear import QuantLinear
 from llmshrink.gptq.load import load_quantized
@@ -69,11 +69,11 @@ def test_replaying_finished_blocks_changes_nothing(tmp_path, monkeypatch, model_
     _save_tiny(tmp_path / "src", model_type)
     cfg = GPTQConfig(bits=4, group_size=16, calib_dtype="float32")
     templates = []
-    real_template = gptq_apply._output_template
-    monkeypatch.setattr(gptq_apply, "_output_template", lambda *a: templates.append(real_template(*a)) or templates[-1])
+    real_template = gptq_passes._output_template
+    monkeypatch.setattr(gptq_passes, "_output_template", lambda *a: templates.append(real_template(*a)) or templates[-1])
     replayed = quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "replayed", progress=False)
     assert len(templates) == 3 and all(t is not None for t in templates)  # one attention block per layer
-    monkeypatch.setattr(gptq_apply, "_replay_block", lambda *a: None)
+    monkeypatch.setattr(gptq_layers, "replay_block", lambda *a: None)
     full = quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "full", progress=False)
     assert _digest(replayed) == _digest(full)
 
@@ -130,7 +130,7 @@ def test_an_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch
     cfg = GPTQConfig(bits=4, group_size=16)
     whole = quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "whole", progress=False)
 
-    real_save = gptq_apply.save_tensors
+    real_save = gptq_resume.save_tensors
     calls = {"n": 0}
 
     def crash_on_layer_2(tensors, path, metadata=None):
@@ -138,13 +138,13 @@ def test_an_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch
             raise KeyboardInterrupt
         real_save(tensors, path, metadata)
 
-    monkeypatch.setattr(gptq_apply, "save_tensors", crash_on_layer_2)
+    monkeypatch.setattr(gptq_resume, "save_tensors", crash_on_layer_2)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed").exists()
     state = json.loads((tmp_path / "resumed.partial" / "state.json").read_text())
     assert state["done_layers"] == 2
-    monkeypatch.setattr(gptq_apply, "save_tensors", real_save)
+    monkeypatch.setattr(gptq_resume, "save_tensors", real_save)
     resumed = quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "resumed", progress=False)
     assert _digest(resumed) == _digest(whole)
     assert not (tmp_path / "resumed.partial").exists()
@@ -154,17 +154,17 @@ def test_a_resume_refuses_a_partial_run_of_other_input(tmp_path, monkeypatch):
     """A .partial folder is resumed only from the same source tensors and calibration windows."""
     model = _save_tiny(tmp_path / "src")
     cfg = GPTQConfig(bits=4, group_size=16)
-    real_save = gptq_apply.save_tensors
+    real_save = gptq_resume.save_tensors
 
     def crash_on_layer_1(tensors, path, metadata=None):
         if path.name == "layer-00001.safetensors":
             raise KeyboardInterrupt
         real_save(tensors, path, metadata)
 
-    monkeypatch.setattr(gptq_apply, "save_tensors", crash_on_layer_1)
+    monkeypatch.setattr(gptq_resume, "save_tensors", crash_on_layer_1)
     with pytest.raises(KeyboardInterrupt, match="kept in .*out.partial.*run the same command again"):
         quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "out", progress=False)
-    monkeypatch.setattr(gptq_apply, "save_tensors", real_save)
+    monkeypatch.setattr(gptq_resume, "save_tensors", real_save)
     with pytest.raises(UsageError, match="other calibration windows"):
         quantize_checkpoint(tmp_path / "src", cfg, _calib() + 1, tmp_path / "out", progress=False)
     with torch.no_grad():

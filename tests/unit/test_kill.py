@@ -73,8 +73,8 @@ def quantized(source):
 
 
 @pytest.mark.parametrize("kill", [
-    ("llmshrink.gptq.apply", "save_tensors", 5),  # layer 2's weights: .partial holds layers 0-1
-    ("llmshrink.gptq.apply", "save_shards", 1),  # writing the checkpoint: a temp folder is left
+    ("llmshrink.gptq.resume", "save_tensors", 5),  # layer 2's weights: .partial holds layers 0-1
+    ("llmshrink.gptq.write", "save_shards", 1),  # writing the checkpoint: a temp folder is left
 ], ids=["during-layers", "during-write"])
 def test_quantize_killed_then_rerun(source, quantized, tmp_path, kill):
     args = [a.format(root=source) for a in QUANTIZE]

@@ -9,7 +9,8 @@ from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 import llmshrink
 from llmshrink.gptq import load as gptq_load
-from llmshrink.gptq.apply import native_bf16_cpu, quantize_checkpoint
+from llmshrink.gptq.quantize import quantize_checkpoint
+from llmshrink.kernels.cpu import native_bf16_cpu
 from llmshrink.gptq.config import GPTQConfig
 from llmshrink.gptq.linear import QuantLinear
 

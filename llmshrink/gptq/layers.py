@@ -1,0 +1,144 @@
+"""Quantize what one decoder layer holds, and the output head, into GPTQ tensors.
+
+A layer's linears come in steps (`arch.layer_linears`: q/k/v, o, gate/up, down for Llama); the
+linears of a step share their input, hence one Hessian, and are solved together. The weights are
+then replaced by what the packed tensors decode to, so the following steps and layers see the
+quantized model. How a weight is solved is the config's algorithm (`GPTQConfig.solver`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..arch import layer_linears
+from ..errors import UsageError
+from .config import GPTQConfig
+from .packing import pack_gptq
+from .passes import Passes, replay_block
+
+__all__ = ["head_of", "quantize_head", "quantize_layer"]
+
+
+def head_of(model) -> tuple[str, torch.nn.Linear] | None:
+    """(name, module) of the model's output head, if it is a linear."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    return next(name for name, m in model.named_modules() if m is head), head
+
+
+def quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
+                   dtype: torch.dtype = torch.float32) -> tuple[dict, dict, list, bool]:
+    """Quantize one loaded (float32) layer in place: weights are replaced by their dequantized
+    values and everything is cast to `dtype`, the calibration dtype, for the forwards.
+
+    Linears of one step share an input, so they share one Hessian. With `true_sequential` each
+    step's Hessian is taken after the steps before it were quantized; otherwise all come from the
+    unquantized layer. Returns (tensors to save under `prefix`, per-module stats, the layer's
+    outputs for the calibration inputs, empty when no activations are needed, and whether the
+    layer returns them in a tuple)."""
+    steps = layer_linears(layer, spec)
+    needs_h = config.needs_activations
+    masters = {name: p.data for name, p in layer.named_parameters()}  # float32, what is quantized and saved
+    for p in layer.parameters():
+        p.data = p.data.to(dtype)
+    passes = Passes(layer, inputs)
+    try:
+        hessians = {} if config.true_sequential or not needs_h else {i: passes.hessian(step[0][1])
+                                                                      for i, step in enumerate(steps)}
+        tensors, stats = {}, {}
+        for i, step in enumerate(steps):
+            todo = [(name, mod, config.for_module(prefix + name)) for name, mod in step]
+            todo = [t for t in todo if t[2] is not None]
+            if not todo:
+                continue
+            for name, mod, mconf in todo:
+                _check_packable(prefix + name, mod, mconf.bits, f"skip it with dynamic={{'-:{prefix}{name}': {{}}}}")
+            if not needs_h:
+                H = None  # plain round-to-nearest needs no activations
+            elif i in hessians:
+                H = hessians[i]
+            else:
+                H = passes.hessian(step[0][1], replay_block(layer, steps, i, inputs[0][0].shape[-1]))
+            _quantize_step(todo, H, masters, tensors, stats, prefix)
+            passes.replay_pending()
+        packed = {n[: -len("qweight")] + "weight" for n in tensors if n.endswith(".qweight")}
+        for name, p in layer.named_parameters():  # everything else, biases too: as is, fp16
+            if name in packed:
+                continue
+            tensors[name] = masters[name].to(torch.float16)
+            p.data = tensors[name].to(dtype)  # later layers see what is saved
+        outputs = passes.outputs() if needs_h else []
+        return tensors, stats, outputs, passes.tuple_output
+    finally:
+        passes.close()
+
+
+def quantize_head(model, layers, final: list[tuple[torch.Tensor, dict]], config: GPTQConfig,
+                  tuple_output: bool) -> tuple[dict, dict]:
+    """Quantize the output head (lm_head) on the calibration text, after every layer is done.
+
+    Its inputs (the last layer's outputs through the final norm and whatever else the model
+    applies) come from the model's own forward with each decoder layer standing in by the saved
+    last-layer outputs. A head tied to the input embeddings is untied: the embeddings stay as
+    they are, the head gets its own quantized tensors."""
+    name, head = head_of(model)
+    mconf = config.for_module(name)
+    _check_packable(name, head, mconf.bits, "leave lm_head off")
+    # token ids only give the forward its shapes: every decoder layer ignores its input
+    passes = Passes(lambda hidden, **kwargs: model(input_ids=torch.zeros(hidden.shape[:2], dtype=torch.long),
+                                                   use_cache=False), final)
+
+    def stand_in(*args, **kwargs):
+        out = final[passes.batch][0]
+        return (out,) if tuple_output else out
+
+    H = None  # plain RTN has no activations and needs none
+    if final:
+        for layer in layers:
+            layer.forward = stand_in
+        try:
+            H = passes.hessian(head)
+        finally:
+            for layer in layers:
+                del layer.forward
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
+    tensors, stats = {}, {}
+    masters = {f"{name}.{k}": v.data.float() for k, v in head.named_parameters()}
+    _quantize_step([(name, head, mconf)], H, masters, tensors, stats, prefix="")
+    if head.bias is not None:
+        tensors[f"{name}.bias"] = head.bias.data.to(torch.float16)
+    return tensors, stats
+
+
+def _check_packable(name: str, mod: torch.nn.Linear, bits: int, fix: str) -> None:
+    if mod.in_features * bits % 32 or mod.out_features * bits % 32:
+        raise UsageError(f"{name} ({mod.in_features}x{mod.out_features}) cannot be packed at {bits} bits; {fix}")
+
+
+def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: str) -> None:
+    """Quantize the linears of one step (sharing Hessian `H`; float32 weights in `masters` by
+    parameter name), filling `tensors` and `stats`.
+
+    Linears with the same settings are solved as one stacked weight: GPTQ treats rows
+    independently given the shared Hessian, so the result is the same, with one Cholesky and one
+    column loop instead of several."""
+    batches: dict[str, list] = {}
+    for item in todo:
+        batches.setdefault(json.dumps(item[2].to_dict(), sort_keys=True), []).append(item)
+    for batch in batches.values():
+        mconf = batch[0][2]
+        weight = torch.cat([masters[f"{name}.weight"] for name, _, _ in batch])  # [sum of out, in]
+        result = mconf.solver.quantize(weight, H, mconf)
+        row = 0
+        for name, mod, _ in batch:
+            rows = slice(row, row + mod.out_features)
+            row += mod.out_features
+            packed = pack_gptq(result.codes[rows], result.zeros[:, rows], result.scales[:, rows],
+                               result.g_idx.clone(), mconf.bits)
+            mod.weight.data = result.dequantized[rows].to(mod.weight.dtype)
+            for k, v in packed.items():
+                tensors[f"{name}.{k}"] = v
+            stats[prefix + name] = {"bits": mconf.bits, "loss": round(float(result.row_loss[rows].sum()), 6)}
