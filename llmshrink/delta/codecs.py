@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import UsageError
+from ..kernels.onebit import sign_matmul
 from .algorithm import bitdelta, dare, lowrank, mixed, mixed_factors, signs, unpack_bits
 
 __all__ = ["DeltaCodec", "BitDelta", "LowRank", "Dare", "Mixed", "Exact", "Full", "CODECS", "KINDS", "codec_of"]
@@ -84,8 +85,6 @@ class BitDelta(DeltaCodec):
         return signs(parts["sign"], shape[1]) * parts["scale"].float()
 
     def matmul(self, x, parts, shape, bits=()):
-        from ..kernels.onebit import sign_matmul  # lazy: llmshrink.kernels imports triton
-
         return sign_matmul(x, parts["sign"], parts["scale"], shape[1])
 
     def lookup(self, flat, parts, shape, bits=()):

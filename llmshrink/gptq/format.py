@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from ..errors import UsageError
 from ..formats import Format, LoadRequest, register_format
 from .load import default_load_dtype, load_quantized, log_load_dtype
@@ -29,8 +31,6 @@ def _detect(folder: Path) -> bool:
 
 
 def _load(folder: Path, request: LoadRequest):
-    from transformers import AutoConfig
-
     if request.base_model is not None:
         raise UsageError(f"base_model= is for delta and adapter folders; {request.name} is neither")
     if request.kwargs:
