@@ -14,6 +14,7 @@ one (evaluations already done are kept too). Each step runs its registered metho
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -22,10 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-import accelerate
-import peft
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -43,8 +41,11 @@ __all__ = ["RECIPE_FILE", "STATE_FILE", "run_recipe", "step_folder", "versions"]
 logger = logging.getLogger(__name__)
 
 def versions() -> dict[str, str]:
-    return {"llmshrink": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()}
+    """The versions a run records (read from the installed packages: importing peft would load
+    bitsandbytes, which prints to stderr, just to read a string)."""
+    return {"llmshrink": __version__, "torch": torch.__version__,
+            **{name: importlib.metadata.version(name) for name in ("transformers", "peft", "accelerate")},
+            "python": platform.python_version()}
 
 
 def step_folder(out: Path, index: int, config: MethodConfig) -> Path:
