@@ -97,29 +97,38 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: tu
 
 
 def add_run_flags(parser: argparse.ArgumentParser, nsamples: int, seqlen: int,
-                  text: str = "local .txt/.jsonl calibration text") -> None:
+                  text: str = "local .txt/.jsonl calibration text", seed: bool = True) -> None:
     """The flags every compressing command ends with: calibration text and windows, seed, overwrite."""
     parser.add_argument("--calib-file", help=f"{text} (default: the wiki calibration half)")
     parser.add_argument("--nsamples", type=positive_int, default=nsamples)
     parser.add_argument("--calib-seqlen", type=positive_int, default=seqlen)
-    parser.add_argument("--seed", type=int, default=0)
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
 def add_method_command(subparsers, method, command: str, help: str) -> argparse.ArgumentParser:
     """A sub-command for `method` made from its config alone: --model, --out, --overwrite, one flag
-    per config field, and calibration flags when the method calibrates; it runs `compress`."""
+    per config field, and calibration flags when the method may calibrate; it runs `compress`."""
     p = subparsers.add_parser(command, help=help, description=help)
     p.add_argument("--model", default=None, help="packaged name, local folder or Hub id (default the packaged model)")
     p.add_argument("--out", required=True, help="folder to write")
     add_config_flags(p, method.config)
-    add_run_flags(p, field_default(Calibration, "nsamples"), field_default(Calibration, "seqlen"))
+    fields = {f.name for f in dataclasses.fields(method.config)}
+    if method.needs_calibration is not False:  # a method that may read calibration text
+        add_run_flags(p, field_default(Calibration, "nsamples"), field_default(Calibration, "seqlen"),
+                      seed="seed" not in fields)  # a config's own seed field is its --seed
+    else:
+        if "seed" not in fields:
+            p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     def run(args: argparse.Namespace) -> int:
         config = method.config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(method.config)
                                   if hasattr(args, f.name)})
-        calibration = Calibration(source=args.calib_file or "wiki", nsamples=args.nsamples, seqlen=args.calib_seqlen)
-        out = compress(args.model, config, args.out, calibration=calibration, seed=args.seed,
+        calibration = None if not hasattr(args, "calib_file") else Calibration(
+            source=args.calib_file or "wiki", nsamples=args.nsamples, seqlen=args.calib_seqlen)
+        out = compress(args.model, config, args.out, calibration=calibration, seed=getattr(args, "seed", 0),
                        overwrite=args.overwrite)
         print(f"{method.name} output written to {out}")
         return 0
