@@ -84,7 +84,13 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--gptqmodel-python", help="python of a venv with gptqmodel 7.6.0 installed")
     parser.add_argument("--work", default=None, help="folder for the checkpoints (default: a temp folder)")
+    parser.add_argument("--rows", default="rtn,gptq,partial",
+                        help="which of ours: rtn, gptq, partial (--partial-groups), rotated (llmshrink rotate, "
+                             "then GPTQ; its time includes the rotation)")
     args = parser.parse_args()
+    wanted = set(args.rows.split(","))
+    if wanted - {"rtn", "gptq", "partial", "rotated"}:
+        parser.error(f"unknown --rows {sorted(wanted - {'rtn', 'gptq', 'partial', 'rotated'})}")
 
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(args.model)
@@ -105,19 +111,30 @@ def main() -> None:
 
     rows = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    llmshrink_cli = [sys.executable, "-m", "llmshrink"]
+    rotated, rotate_seconds = work / "rotated", 0.0
+    if "rotated" in wanted:  # once, for every bit width
+        shutil.rmtree(rotated, ignore_errors=True)
+        rotate_seconds, _, _ = run_measured(llmshrink_cli + ["rotate", "--model", args.model, "--out", str(rotated)], env)
+        print(f"rotated in {rotate_seconds:.0f} s", flush=True)
     for bits in [int(b) for b in args.bits.split(",")]:
-        runs = {
-            "RTN (llmshrink)": [sys.executable, "-m", "llmshrink", "quantize", "--method", "rtn", "--no-clip-search"],
-            "GPTQ (llmshrink)": [sys.executable, "-m", "llmshrink", "quantize"],
+        runs = {  # row name -> (its key in --rows, the command, the model it quantizes)
+            "RTN (llmshrink)": ("rtn", ["quantize", "--method", "rtn", "--no-clip-search"], args.model),
+            "GPTQ (llmshrink)": ("gptq", ["quantize"], args.model),
             # the layout before whole groups became the default: the requested size, partial last groups
-            "GPTQ (llmshrink, --partial-groups)": [sys.executable, "-m", "llmshrink", "quantize", "--partial-groups"],
+            "GPTQ (llmshrink, --partial-groups)": ("partial", ["quantize", "--partial-groups"], args.model),
+            "GPTQ (llmshrink, rotated)": ("rotated", ["quantize"], str(rotated)),
         }
-        for name, cmd in runs.items():
-            out = work / f"{name.split()[0].lower()}{'-partial' if 'partial' in name else ''}-{bits}"
+        for name, (key, cmd, model) in runs.items():
+            if key not in wanted:
+                continue
+            out = work / f"{key}-{bits}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = cmd + ["--model", args.model, "--bits", str(bits), "--group-size", str(args.group_size),
-                         "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.seqlen), "--out", str(out)]
+            cmd = llmshrink_cli + cmd + ["--model", model, "--bits", str(bits), "--group-size", str(args.group_size),
+                                         "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.seqlen),
+                                         "--out", str(out)]
             seconds, rss, _ = run_measured(cmd, env)
+            seconds += rotate_seconds if key == "rotated" else 0.0
             rows.append((bits, f"{name} g{stored_group_size(out)}", ppl_of(str(out), ids, args.seqlen), seconds, rss,
                          folder_size(out, (".safetensors",)) / 1e6))
             print(rows[-1], flush=True)
@@ -138,7 +155,7 @@ def main() -> None:
     for bits, name, ppl, seconds, rss, size in rows:
         print(f"| {bits} | {name} | {ppl:.3f} | {ppl - base:+.3f} | {seconds:.0f} | {rss:.0f} | {size:.1f} |")
     for bits in sorted({r[0] for r in rows}):
-        ours = next((r for r in rows if r[0] == bits and r[1].startswith("GPTQ (")), None)
+        ours = next((r for r in rows if r[0] == bits and r[1].startswith("GPTQ (llmshrink) ")), None)
         peer = next((r for r in rows if r[0] == bits and r[1].startswith("GPTQModel")), None)
         if ours and peer:
             print(f"{bits}-bit: gap ratio llmshrink/GPTQModel {(ours[2] - base) / (peer[2] - base):.2f}x, "
