@@ -65,6 +65,9 @@ CASES = [
     ("heal --model {tiny} --method bogus --out h", "method='bogus' is unknown; use one of lora, qlora"),
     ("heal --model {tiny} --loss kd --teacher ./no-such-teacher --out h", "is not a folder that exists"),
     ("push {tiny} --repo-id org/name", "the Hub is offline here (HF_HUB_OFFLINE=1)"),
+    ("rotate --model {tiny} --out " + READ_ONLY, "is not writable"),
+    ("rotate --model {tiny} --out r --kind bogus", "kind='bogus' is not known; use one of hadamard, random"),
+    ("rotate --model {pickle} --out r", "holds only pickle weights"),
     ("lm-eval --model hf --model_args pretrained={pickle} --tasks piqa", "holds only pickle weights"),
 ]
 
