@@ -125,16 +125,16 @@ def test_cli_prune_writes_checkpoint_and_chart(tmp_path, monkeypatch, capsys):
 
     model = tiny_llama(layers=4)
     model.save_pretrained(tmp_path / "src")
-    import llmshrink.models as models
+    import importlib
 
     class Tok:  # the CLI loads a tokenizer: stand in with token ids as calibration text
         def save_pretrained(self, path):
             pass
 
-    monkeypatch.setattr(models, "load_model", lambda name: (tiny_llama(layers=4), Tok(), str(tmp_path / "src")))
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module("llmshrink.prune.apply"), "_calibration", lambda *a, **k: CALIB)
+    monkeypatch.setattr(importlib.import_module("llmshrink.prune.cli"), "load_model",
+                        lambda name: (tiny_llama(layers=4), Tok(), str(tmp_path / "src")))
+    monkeypatch.setattr(importlib.import_module("llmshrink.prune.apply"), "resolve_calibration",
+                        lambda *a, **k: (CALIB, {}))
     out = tmp_path / "pruned"
     assert main(["prune", "--model", str(tmp_path / "src"), "--layers", "1", "--out", str(out),
                  "--calib-seqlen", "32"]) == 0
