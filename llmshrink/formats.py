@@ -22,7 +22,7 @@ from .errors import UsageError
 from .io import folder_size
 from .methods import load_builtin_methods
 
-__all__ = ["FORMATS", "Format", "LoadRequest", "detect", "format_named", "open_folder", "register_format",
+__all__ = ["FORMATS", "Format", "LoadRequest", "detect", "open_folder", "register_format",
            "tokenizer_folder", "weight_bytes"]
 
 
@@ -68,12 +68,6 @@ def register_format(fmt: Format) -> Format:
         raise ValueError(f"format '{fmt.name}' is already registered")
     FORMATS[fmt.name] = fmt
     return fmt
-
-
-def format_named(name: str) -> Format:
-    if name not in FORMATS:
-        raise UsageError(f"unknown format '{name}'; known: {', '.join(sorted(FORMATS))}")
-    return FORMATS[name]
 
 
 def detect(folder: str | os.PathLike, skip: tuple[str, ...] = ()) -> Format:

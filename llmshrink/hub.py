@@ -25,7 +25,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .errors import UsageError
 from .evals.report import to_markdown
-from .formats import detect, weight_bytes
+from .formats import Format, detect
 from .methods import load_builtin_methods
 from .models import PACKAGED_MODELS
 
@@ -58,10 +58,10 @@ def _base_model(recipe: dict | None, folder: Path) -> str | None:
     return None if local or name.count("/") != 1 else name  # only an ORG/NAME Hub id
 
 
-def _kind(folder: Path) -> tuple[str, list[str]]:
+def _kind(folder: Path, fmt: Format) -> tuple[str, list[str]]:
     """(library_name, tags): what the folder's format says of itself, and the tags of every method
     whose record its config.json carries."""
-    library, tags = detect(folder).describe(folder)
+    library, tags = fmt.describe(folder)
     tags = ["llmshrink", *tags]
     config = _read_json(folder / "config.json") or {}
     for method in load_builtin_methods().values():
@@ -75,7 +75,7 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     folder = Path(folder)
     recipe, evals = _read_json(folder / RECIPE_FILE), _read_json(folder / EVAL_FILE)
     fmt = detect(folder)
-    library, tags = _kind(folder)
+    library, tags = _kind(folder, fmt)
     methods = load_builtin_methods()
     for step in (recipe or {}).get("steps", []):
         method = methods.get(step["method"])
@@ -88,7 +88,7 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {repo_id.split('/')[-1]}", ""]
     made = f"from [{base}](https://huggingface.co/{base})" if base else "from its base model"
     lines.append(f"Compressed {made} with [llmshrink](https://github.com/llmshrink/llmshrink). "
-                 f"Weights on disk: {weight_bytes(folder) / 2**20:.1f} MB.")
+                 f"Weights on disk: {fmt.weight_bytes(folder) / 2**20:.1f} MB.")
     if recipe:
         steps = " -> ".join(s["method"] for s in recipe["steps"])
         lines += ["", "## How it was made", "", f"Pipeline: {steps} (seed {recipe['seed']}; "

@@ -75,8 +75,9 @@ def _final_norm(model: nn.Module) -> nn.Module:
     return model.get_submodule(arch_for(model).layers.rsplit(".", 1)[0] + ".norm")
 
 
-def check_rotatable(model: nn.Module) -> Family:
-    """The model's family, or a UsageError saying why it cannot be rotated (before any change)."""
+def check_rotatable(model: nn.Module) -> tuple[Family, dict[nn.Module, str]]:
+    """The model's family and each norm's form ('w' or '1+w', probed once), or a UsageError saying
+    why it cannot be rotated (before any change)."""
     model_type = getattr(model.config, "model_type", "")
     if model_type not in FAMILIES:
         why = WHY_NOT.get(model_type, "its norms and linears are not in llmshrink's rotation table")
@@ -84,16 +85,17 @@ def check_rotatable(model: nn.Module) -> Family:
     family = FAMILIES[model_type]
     norms = [(f"layers.{i}.{n}", layer.get_submodule(n)) for i, layer in enumerate(decoder_layers(model))
              for n in family.norms] + [("norm", _final_norm(model))]
+    forms = {}
     for name, norm in norms:
-        if _norm_form(norm) is None:
+        forms[norm] = _norm_form(norm)
+        if forms[norm] is None:
             raise UsageError(f"{name} ({type(norm).__name__}) is not an RMSNorm of the form x*w or x*(1+w); "
                              "the model cannot be rotated")
-    return family
+    return family, forms
 
 
-def _fold(norm: nn.Module, linears: list[nn.Linear]) -> None:
+def _fold(norm: nn.Module, form: str, linears: list[nn.Linear]) -> None:
     """Move the norm's scale into the columns of the linears that read it; leave the norm scale-free."""
-    form = _norm_form(norm)
     scale = norm.weight.detach().double() + (1 if form == "1+w" else 0)
     for linear in linears:
         linear.weight.data = (linear.weight.double() * scale[None, :]).to(linear.weight.dtype)
@@ -123,12 +125,12 @@ def _rotate_heads(layer: nn.Module, family: Family, R: torch.Tensor, head_dim: i
 
 def rotate_model(model: nn.Module, config: RotateConfig) -> dict:
     """Fold the norms and rotate `model` in place; returns the record saved as config.llmshrink_rotate."""
-    family = check_rotatable(model)
+    family, forms = check_rotatable(model)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     final = _final_norm(model)
     tied = head is not None and head.weight is embed.weight
     untied = False
-    identity = 0.0 if _norm_form(final) == "1+w" else 1.0  # a final norm with nothing to fold
+    identity = 0.0 if forms[final] == "1+w" else 1.0  # a final norm with nothing to fold
     if tied and not torch.all(final.weight.detach() == identity):
         head.weight = nn.Parameter(embed.weight.detach().clone())  # the head gets the final norm's scale
         model.config.tie_word_embeddings = False
@@ -138,10 +140,11 @@ def rotate_model(model: nn.Module, config: RotateConfig) -> dict:
     layers = decoder_layers(model)
     with torch.no_grad():
         for layer in layers:
-            for norm, readers in family.norms.items():
-                _fold(layer.get_submodule(norm), [layer.get_submodule(r) for r in readers])
+            for name, readers in family.norms.items():
+                norm = layer.get_submodule(name)
+                _fold(norm, forms[norm], [layer.get_submodule(r) for r in readers])
         if head is not None:
-            _fold(final, [head])
+            _fold(final, forms[final], [head])
         d = embed.weight.shape[1]
         Q = orthogonal(d, seed=config.seed, kind=config.kind)
         embed.weight.data = (embed.weight.double() @ Q).to(embed.weight.dtype)
