@@ -97,11 +97,14 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type, skip: tu
 
 
 def add_run_flags(parser: argparse.ArgumentParser, nsamples: int, seqlen: int,
-                  text: str = "local .txt/.jsonl calibration text", seed: bool = True) -> None:
-    """The flags every compressing command ends with: calibration text and windows, seed, overwrite."""
-    parser.add_argument("--calib-file", help=f"{text} (default: the wiki calibration half)")
-    parser.add_argument("--nsamples", type=positive_int, default=nsamples)
-    parser.add_argument("--calib-seqlen", type=positive_int, default=seqlen)
+                  text: str = "local .txt/.jsonl calibration text", seed: bool = True,
+                  calibration: bool = True) -> None:
+    """The flags every compressing command ends with: calibration text and windows (unless
+    `calibration` is off), seed (unless the config has its own), overwrite."""
+    if calibration:
+        parser.add_argument("--calib-file", help=f"{text} (default: the wiki calibration half)")
+        parser.add_argument("--nsamples", type=positive_int, default=nsamples)
+        parser.add_argument("--calib-seqlen", type=positive_int, default=seqlen)
     if seed:
         parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -115,13 +118,9 @@ def add_method_command(subparsers, method, command: str, help: str) -> argparse.
     p.add_argument("--out", required=True, help="folder to write")
     add_config_flags(p, method.config)
     fields = {f.name for f in dataclasses.fields(method.config)}
-    if method.needs_calibration is not False:  # a method that may read calibration text
-        add_run_flags(p, field_default(Calibration, "nsamples"), field_default(Calibration, "seqlen"),
-                      seed="seed" not in fields)  # a config's own seed field is its --seed
-    else:
-        if "seed" not in fields:
-            p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_run_flags(p, field_default(Calibration, "nsamples"), field_default(Calibration, "seqlen"),
+                  seed="seed" not in fields,  # a config's own seed field is its --seed
+                  calibration=method.needs_calibration is not False)  # only a method that may read text
 
     def run(args: argparse.Namespace) -> int:
         config = method.config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(method.config)
