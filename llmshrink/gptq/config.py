@@ -17,6 +17,7 @@ import torch
 from ..config import MethodConfig
 from ..errors import UsageError
 from .algorithm import DEFAULT_SHRINK_GRID, QuantResult, gptq_quantize, rtn_quantize
+from ..rotate.config import KINDS as ROTATIONS
 from .packing import SUPPORTED_BITS
 
 __all__ = ["ALGORITHMS", "Algorithm", "GPTQConfig", "RTNConfig"]
@@ -107,7 +108,16 @@ class GPTQConfig(MethodConfig):
         clip_search: search each group's range for the least Hessian-weighted error.
         dynamic: per-module overrides by regex on the module name, first match wins:
             {"re:.*mlp.down_proj": {"bits": 8}}; {"-:.*lm_head"} style keys ("-:" prefix) skip modules.
-        lm_head: also quantize the output head (off by default).
+        lm_head: also quantize the output head (off by default), as GPTQModel writes it (a tied
+            head is untied: the embedding keeps its own tensor).
+        rotate: rotate the model first ("hadamard" or "random", as `llmshrink rotate` does) and
+            quantize the rotated model: a standard checkpoint of the same architecture.
+        target_bits: choose each linear's bits from 2, 3, 4 and 8 to least measured loss under this
+            average bits per weight (scales, zeros and g_idx counted), written as `dynamic`; `bits`
+            is then only the most common choice. None: every linear at `bits`.
+        embed_bits: also quantize the input embedding at these bits (round to nearest with range
+            search, the config's group size), stored in the GPTQ layout under the embedding's name.
+            Only llmshrink reads it; a tied head shares it. None keeps it in fp16.
         calib_dtype: dtype of the calibration forwards ("float32", "bfloat16", or "auto":
             bfloat16 on CUDA and on CPUs with native bf16 matmul, AVX512-BF16 or AMX; else
             float32). Hessians are accumulated and weights solved in float32 either way; bf16
@@ -130,6 +140,9 @@ class GPTQConfig(MethodConfig):
     lm_head: bool = False
     calib_dtype: str = "auto"
     partial_groups: bool = False
+    rotate: str | None = None
+    target_bits: float | None = None
+    embed_bits: int | None = None
 
     def validate(self) -> None:
         _check_grid(self.bits, self.group_size, self.damp_percent, where="")
@@ -137,6 +150,19 @@ class GPTQConfig(MethodConfig):
             raise UsageError(f"algorithm='{self.algorithm}' is not known; use {' or '.join(map(repr, ALGORITHMS))}")
         if self.calib_dtype not in ("auto", "float32", "bfloat16"):
             raise UsageError(f"calib_dtype='{self.calib_dtype}' is not known; use 'auto', 'float32' or 'bfloat16'")
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise UsageError(f"rotate='{self.rotate}' is not known; use one of {', '.join(ROTATIONS)} (or leave it off)")
+        if self.target_bits is not None:
+            if not isinstance(self.target_bits, (int, float)) or not 2 <= self.target_bits <= 8:
+                raise UsageError(f"target_bits={self.target_bits} is outside 2..8; give an average between 2 and 8 "
+                                 "bits per weight, such as 3.5")
+            fixed = [k for k, v in self.dynamic.items() if not k.startswith("-:") and "bits" in v]
+            if fixed:
+                raise UsageError(f"target_bits chooses every linear's bits, but dynamic['{fixed[0]}'] fixes some; "
+                                 "drop one of the two")
+        if self.embed_bits is not None and self.embed_bits not in SUPPORTED_BITS:
+            raise UsageError(f"embed_bits={self.embed_bits} is not supported; use one of "
+                             f"{', '.join(map(str, SUPPORTED_BITS))} (or leave it off for fp16 embeddings)")
         for key, overrides in self.dynamic.items():
             pattern = _pattern(key)
             try:
