@@ -13,8 +13,11 @@ The pieces: `passes.py` runs the calibration forwards, `layers.py` quantizes a l
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,11 +29,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
 from ..errors import Interrupted, UsageError
 from ..io import prepare_out
-from ..safetensors_io import TensorIndex
+from ..safetensors_io import TensorIndex, tensors_sha256
 from .compat import vllm_limits, whole_group_size
-from .config import GPTQConfig
+from .config import GPTQConfig, dynamic_pattern
 from .layers import head_of, quantize_head, quantize_layer
+from .mixed import CANDIDATE_BITS, allocate, average_bits, check_budget, plan_rules, stored_bits
 from .passes import BATCH, calib_dtype, capture_first_inputs
+from .sensitivity import CRITERIA, layer_losses, output_fisher
 from .resume import PartialRun, run_identity
 from .write import FORMAT_FILES, checkpoint_key, quantization_config, stored_desc_act, write_checkpoint
 
@@ -41,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: torch.Tensor, out: str | os.PathLike,
                         calib_info: dict | None = None, overwrite: bool = False, progress: bool = True,
-                        max_shard_bytes: int = 2 * 2**30) -> Path:
+                        max_shard_bytes: int = 2 * 2**30, sensitivity: str | os.PathLike | None = None) -> Path:
     """Quantize the model saved in folder `source` into a GPTQ checkpoint at `out`.
 
     Args:
@@ -52,6 +57,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         calib_info: how `calib` was made, recorded in the checkpoint.
         overwrite: replace an existing non-empty `out`.
         max_shard_bytes: larger checkpoints are split into shards with an index.
+        sensitivity: with `config.target_bits`, the mixed_precision.json of an earlier run on the same
+            model and group size, whose measured losses are reused (any budget from one pass).
     Returns:
         The checkpoint folder.
     """
@@ -68,11 +75,16 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     layer_prefix = spec.layers + "."
     key_of = {name: key for key, name in checkpoint_names(model, index.keys()).items()}
     _load_outside_layers(model, source, index, key_of, layer_prefix)
+    _check_dynamic(config, model, layers, spec, layer_prefix)
     requested_group_size = config.group_size
-    config, vllm = _whole_groups(config, model, layers, spec, layer_prefix)
-
+    config = _whole_groups(config, model, layers, spec, layer_prefix)
     dtype = calib_dtype(config)
     calib_info = {**calib_info, "dtype": str(dtype).removeprefix("torch.")}
+    mixed = None
+    if config.target_bits is not None:
+        config, mixed = _mixed_precision(source, config, model, layers, spec, layer_prefix, index, key_of, calib,
+                                         dtype, calib_info, sensitivity, progress)
+    vllm = _vllm_verdict(config, model, layers, spec, layer_prefix)
     run = PartialRun(out, run_identity(source, config, calib_info, calib))
     if run.done:
         logger.info("resuming after layer %d of %d", run.done, len(layers))
@@ -120,7 +132,11 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         all_stats.update(run.layer_stats(i))
     tensors = {checkpoint_key(name, key_of): t for name, t in tensors.items()}
     qc = quantization_config(config, calib_info, all_stats, requested_group_size, vllm)
-    write_checkpoint(out, source, model, tensors, qc, max_shard_bytes)
+    extra = {}
+    if mixed is not None:
+        qc["llmshrink"]["mixed_precision"] = {k: mixed[k] for k in ("target_bits", "achieved_bits", "criterion")}
+        extra[MIXED_FILE] = mixed
+    write_checkpoint(out, source, model, tensors, qc, max_shard_bytes, extra)
     run.remove()
     return out
 
@@ -191,25 +207,133 @@ def _quantized_linears(config: GPTQConfig, model, layers, spec, layer_prefix: st
     return found
 
 
-def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> tuple[GPTQConfig, dict]:
-    """`config` with a group size that gives every linear whole groups (see GPTQConfig.group_size),
-    and vLLM's verdict on the result ({"gpu": why not or None, "cpu": ...}; said in one warning
-    line before any work)."""
+def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> GPTQConfig:
+    """`config` with a group size that gives every linear whole groups (see GPTQConfig.group_size)."""
+    if config.partial_groups:
+        return config
     linears = _quantized_linears(config, model, layers, spec, layer_prefix)
-    if not config.partial_groups:
-        widths = [n for mconf, n in linears.values() if mconf.group_size == config.group_size]
-        size = whole_group_size(config.group_size, widths)
-        if size != config.group_size:
-            odd = next(name for name, (m, n) in linears.items() if m.group_size == config.group_size and n % config.group_size)
-            logger.info("group_size=%d leaves %s (%d inputs) a partial last group; using group_size=%d, which "
-                        "divides every linear (partial_groups=True keeps %d)", config.group_size, odd,
-                        linears[odd][1], size, config.group_size)
-            config = dataclasses.replace(config, group_size=size)
-            linears = _quantized_linears(config, model, layers, spec, layer_prefix)
+    widths = [n for mconf, n in linears.values() if mconf.group_size == config.group_size]
+    size = whole_group_size(config.group_size, widths)
+    if size != config.group_size:
+        odd = next(name for name, (m, n) in linears.items() if m.group_size == config.group_size and n % config.group_size)
+        logger.info("group_size=%d leaves %s (%d inputs) a partial last group; using group_size=%d, which "
+                    "divides every linear (partial_groups=True keeps %d)", config.group_size, odd,
+                    linears[odd][1], size, config.group_size)
+        config = dataclasses.replace(config, group_size=size)
+    return config
+
+
+def _vllm_verdict(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> dict:
+    """vLLM's verdict on the checkpoint `config` writes ({"gpu": why not or None, "cpu": ...}),
+    said in one warning line before any work."""
+    linears = _quantized_linears(config, model, layers, spec, layer_prefix)
     modules = {name: (m.bits, m.group_size, m.sym, n) for name, (m, n) in linears.items()}
     verdict = {backend: vllm_limits(modules, stored_desc_act(config), cpu=backend == "cpu") for backend in ("gpu", "cpu")}
     if verdict["gpu"]:
         logger.warning("vLLM will not serve this checkpoint: %s", verdict["gpu"])
     elif verdict["cpu"]:
         logger.warning("vLLM will serve this checkpoint on GPUs only: %s", verdict["cpu"])
-    return config, verdict
+    return verdict
+
+
+def _all_linears(model, layers, spec, layer_prefix: str) -> dict[str, torch.nn.Linear]:
+    """Every linear the walker visits (decoder layers' in step order, then the head), by model name."""
+    found = {f"{layer_prefix}{i}.{name}": module for i, layer in enumerate(layers)
+             for step in layer_linears(layer, spec) for name, module in step}
+    head = head_of(model)
+    if head is not None:
+        found[head[0]] = head[1]
+    return found
+
+
+def _check_dynamic(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> None:
+    """Every `dynamic` rule matches some linear of the model (before any work)."""
+    names = list(_all_linears(model, layers, spec, layer_prefix))
+    for key in config.dynamic:
+        if not any(re.fullmatch(dynamic_pattern(key), name) for name in names):
+            raise UsageError(f"dynamic rule '{key}' matches no linear of this model (its linears are named like "
+                             f"'{names[0]}'); fix the regex or drop the rule")
+
+
+MIXED_FILE = "mixed_precision.json"
+CRITERION = "fisher"  # which predicted loss the plan minimizes (bench/sensitivity.py measures both)
+
+
+def _mixed_precision(source: Path, config: GPTQConfig, model, layers, spec, layer_prefix: str, index: TensorIndex,
+                     key_of: dict, calib: torch.Tensor, dtype, calib_info: dict, sensitivity, progress: bool
+                     ) -> tuple[GPTQConfig, dict]:
+    """`config` with each decoder linear's bits chosen under `config.target_bits` (as `dynamic`
+    rules), and the record saved as mixed_precision.json: the plan and the losses behind it."""
+    linears = {name: (config.for_module(name), module) for name, module in _all_linears(model, layers, spec,
+                                                                                        layer_prefix).items()
+               if name.startswith(layer_prefix) and config.for_module(name) is not None}
+    widths = {name: [b for b in CANDIDATE_BITS if not (m.in_features * b % 32 or m.out_features * b % 32)]
+              for name, (_, m) in linears.items()}
+    sizes = {name: {b: stored_bits(b, mconf.group_size, m.in_features, m.out_features) for b in widths[name]}
+             for name, (mconf, m) in linears.items()}
+    weights = {name: m.in_features * m.out_features for name, (_, m) in linears.items()}
+    check_budget(config.target_bits, sum(min(s.values()) for s in sizes.values()) / sum(weights.values()),
+                 config.group_size)
+    source_sha = tensors_sha256(source)
+    if sensitivity is not None:
+        losses = _read_sensitivity(Path(sensitivity), source_sha, config, sizes)
+    else:
+        losses = _measure_sensitivity(source, config, model, layers, spec, layer_prefix, index, key_of, calib,
+                                      dtype, list(linears), progress)
+    options = {name: {b: (sizes[name][b], losses[name][b][CRITERION]) for b in widths[name]} for name in linears}
+    plan = allocate(options, config.target_bits * sum(weights.values()))
+    base, rules = plan_rules(plan)
+    skips = {k: v for k, v in config.dynamic.items() if k.startswith("-:")}
+    planned = dataclasses.replace(config, bits=base, target_bits=None, dynamic={**skips, **rules})  # the target: in the record
+    achieved = round(average_bits(plan, options, weights), 4)
+    logger.info("mixed precision: %.3f bits per weight (target %s), %s", achieved, config.target_bits,
+                ", ".join(f"{n} linears at {b} bits" for b, n in sorted(Counter(plan.values()).items())))
+    for i in range(len(layers)):
+        row = {name[len(f"{layer_prefix}{i}."):]: b for name, b in plan.items() if name.startswith(f"{layer_prefix}{i}.")}
+        logger.info("  layer %d: %s", i, " ".join(f"{n.rsplit('.', 1)[-1]}={b}" for n, b in row.items()))
+    record = {"target_bits": config.target_bits, "achieved_bits": achieved, "criterion": CRITERION,
+              "group_size": config.group_size, "candidates": list(CANDIDATE_BITS), "source_sha256": source_sha,
+              "calibration": calib_info, "plan": plan,
+              "losses": {name: {str(b): v for b, v in per.items()} for name, per in losses.items()}}
+    return planned, record
+
+
+def _measure_sensitivity(source: Path, config: GPTQConfig, model, layers, spec, layer_prefix: str,
+                         index: TensorIndex, key_of: dict, calib: torch.Tensor, dtype, names: list[str],
+                         progress: bool) -> dict:
+    """Predicted losses of every linear in `names` at every candidate width (sensitivity.py): one
+    backward pass of the full model for the Fisher, then one layer-by-layer walk, inputs unquantized."""
+    fisher = output_fisher(source, calib, names)
+    inputs = capture_first_inputs(model, layers, calib, dtype)
+    losses: dict = {}
+    for i in tqdm(range(len(layers)), desc="sensitivity", unit="layer", disable=not progress):
+        prefix = f"{layer_prefix}{i}."
+        _load_into(layers[i], prefix, index, key_of)
+        index.release()
+        found, outputs = layer_losses(layers[i], prefix, spec, inputs, config, CANDIDATE_BITS, fisher, dtype)
+        losses.update(found)
+        inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
+        layers[i].to("meta")
+    return losses
+
+
+def _read_sensitivity(path: Path, source_sha: str, config: GPTQConfig, sizes: dict) -> dict:
+    """The losses of an earlier run's mixed_precision.json (a checkpoint folder or the file), if
+    they were measured on this model at this group size for every linear to plan."""
+    path = path / MIXED_FILE if path.is_dir() else path
+    try:
+        record = json.loads(path.read_text())
+        losses = {name: {int(b): v for b, v in per.items()} for name, per in record["losses"].items()}
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(f"cannot read the sensitivity file {path} ({e}); give a {MIXED_FILE} that a "
+                         "target_bits run wrote") from None
+    if record.get("source_sha256") != source_sha:
+        raise UsageError(f"{path} was measured on another model (its tensors' sha256 differs); measure this one "
+                         "by leaving the sensitivity file out")
+    if record.get("group_size") != config.group_size:
+        raise UsageError(f"{path} was measured at group size {record.get('group_size')}, not {config.group_size}; "
+                         "use the same group size or leave the sensitivity file out")
+    missing = [name for name in sizes if not set(sizes[name]) <= set(losses.get(name, {}))]
+    if missing:
+        raise UsageError(f"{path} has no losses for {missing[0]}; leave the sensitivity file out to measure them")
+    return losses
