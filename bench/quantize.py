@@ -1,4 +1,4 @@
-"""RTN, llmshrink GPTQ and GPTQModel side by side on the packaged model, in one run.
+"""RTN, llmshrink GPTQ (every option) and GPTQModel side by side on the packaged model, in one run.
 
 Every method quantizes the same model with the same calibration windows (the wiki corpus's
 calibration half, seed 0) in its own child process, timed, with its peak RSS sampled; every
@@ -8,6 +8,15 @@ unquantized model.
 
     python bench/quantize.py --bits 4,3 --nsamples 128 --seqlen 512 --eval-windows 40 \
         --gptqmodel-python /path/to/venv-with-gptqmodel/bin/python
+
+The low-bit run (rotation, asymmetric grids, quantized embeddings, mixed precision, a plot):
+
+    python bench/quantize.py --bits 8,4,3,2 --rows rtn,gptq,rotated,rotated-asym --budgets 2.5,3,3.5 \
+        --plot bench/quantize_size_ppl.png --json runs/quantize.json
+
+Each row's size is counted twice: the stored bits per weight of the decoder linears (codes,
+zeros, scales and g_idx: what `--target-bits` budgets) and the checkpoint's bits per parameter
+(every stored byte over the source model's parameters, embeddings included).
 
 GPTQModel is a peer, never a dependency: install it in a separate venv
 (`pip install -c constraints.txt "gptqmodel[hf]==7.6.0"`) and pass its python, or leave it out.
@@ -141,15 +150,18 @@ def quantize_row(cli: list[str], env: dict, key: str, name: str, flags: list[str
     cmd = cli + ["quantize", *flags, "--model", model, "--bits", bits, "--group-size", str(args.group_size),
                  "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.seqlen), "--out", str(out)]
     seconds, rss, _ = run_measured(cmd, env)
-    return row_of(out, key, name, bits, seconds, rss, ids, args.seqlen, args.params)
+    return row_of(out, key, name, bits, seconds, rss, ids, args.seqlen, args.params, args.other_ids)
 
 
 def row_of(out: Path, family: str, name: str, bits: str, seconds: float, rss: float, ids, seqlen: int,
-           params: int) -> dict:
-    """One row: the checkpoint at `out` scored, sized and timed; bits per parameter of the source's `params`."""
+           params: int, other=None) -> dict:
+    """One row: the checkpoint at `out` scored (and on the `other` text's ids, if given), sized and
+    timed; bits per parameter of the source's `params`."""
     mb = folder_size(out, (".safetensors",)) / 1e6
     row = {"family": family, "bits": bits, "name": f"{name} g{stored_group_size(out)}", "ppl": ppl_of(str(out), ids, seqlen),
            "seconds": seconds, "rss": rss, "mb": mb, "linear_bits": linear_bits(out), "params_bits": mb * 8e6 / params}
+    if other is not None:
+        row["ppl_other"] = ppl_of(str(out), other, seqlen)
     print(json.dumps(row), flush=True)
     return row
 
@@ -165,14 +177,26 @@ def main() -> None:
     parser.add_argument("--gptqmodel-python", help="python of a venv with gptqmodel 7.6.0 installed")
     parser.add_argument("--gptqmodel-bits", default=None, help="GPTQModel's bit widths (default: --bits)")
     parser.add_argument("--work", default=None, help="folder for the checkpoints (default: a temp folder)")
-    parser.add_argument("--rows", default="rtn,gptq,partial", help=f"which of ours per bit width: {', '.join(ROWS)}")
+    parser.add_argument("--rows", default="rtn,gptq,partial",
+                        help=f"which of ours per bit width: {', '.join(ROWS)}; KEY@4/2 runs KEY at 4 and 2 bits only")
+    parser.add_argument("--sensitivity", default=None,
+                        help="a --target-bits checkpoint (same model and calibration) whose measured sensitivity "
+                             "every mixed row reuses")
     parser.add_argument("--budgets", default="", help="mixed precision rows: --target-bits values, e.g. 2.5,3,3.5 "
                                                       "(the first measures the sensitivity, the others reuse it)")
     parser.add_argument("--mixed-flags", default="", help="flags for the mixed rows, e.g. '--rotate hadamard'")
     parser.add_argument("--plot", default=None, help="write the size-vs-perplexity plot here (PNG)")
     parser.add_argument("--json", default=None, help="write every row here")
+    parser.add_argument("--also", default=None, help="a --json file of another run (same protocol) whose rows are "
+                                                     "added to the table and the plot, marked as from that run")
+    parser.add_argument("--other-text", default=None, choices=["lambada"],
+                        help="also score every checkpoint on the first 20 windows of this corpus (text that "
+                             "neither calibration nor the wiki windows come from)")
     args = parser.parse_args()
-    wanted = [r for r in args.rows.split(",") if r]
+    wanted = {}  # row key -> the bit widths it runs at ("key@4/2": only those, else every --bits)
+    for item in [r for r in args.rows.split(",") if r]:
+        key, _, only = item.partition("@")
+        wanted[key] = only.split("/") if only else [b for b in args.bits.split(",") if b]
     if set(wanted) - set(ROWS):
         parser.error(f"unknown --rows {sorted(set(wanted) - set(ROWS))}; known: {', '.join(ROWS)}")
 
@@ -189,6 +213,11 @@ def main() -> None:
     ids = torch.tensor(tokenizer(load_corpus("wiki", eval_docs)).input_ids)[: args.eval_windows * args.seqlen]
     assert len(ids) == args.eval_windows * args.seqlen, "not enough held-out text for --eval-windows"
     base = ppl_of(source, ids, args.seqlen)
+    args.other_ids, base_other = None, None
+    if args.other_text:
+        args.other_ids = torch.tensor(tokenizer(load_corpus(args.other_text)).input_ids)[: 20 * args.seqlen]
+        base_other = ppl_of(source, args.other_ids, args.seqlen)
+        print(f"unquantized ppl on {args.other_text} {base_other:.3f}", flush=True)
     index = TensorIndex(source)
     args.params = sum(math.prod(index.shape(k)) for k in index.keys())  # a tied embedding counted once
     print(f"model={args.model} nsamples={args.nsamples}x{args.seqlen} eval={args.eval_windows}x{args.seqlen} "
@@ -198,12 +227,12 @@ def main() -> None:
     rows = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cli = [sys.executable, "-m", "llmshrink"]
-    for bits in [b for b in args.bits.split(",") if b]:
-        for key in wanted:
+    for bits in dict.fromkeys(b for widths in wanted.values() for b in widths):
+        for key in [k for k, widths in wanted.items() if bits in widths]:
             name, flags = ROWS[key]
             rows.append(quantize_row(cli, env, key, name, flags, args.model, work / f"{key}-{bits}", ids, args, bits))
     mixed_flags = args.mixed_flags.split()
-    first = None
+    first = args.sensitivity
     for budget in [b for b in args.budgets.split(",") if b]:
         flags = [*mixed_flags, "--target-bits", budget] + (["--sensitivity", str(first)] if first else [])
         out = work / f"mixed-{budget}"
@@ -220,14 +249,24 @@ def main() -> None:
         cmd = [args.gptqmodel_python, "-I", str(HERE / "_gptqmodel_child.py"), source, str(out), bits,
                str(args.group_size), str(calib_file)]
         seconds, rss, _ = run_measured(cmd, {**env, "GPTQMODEL_CPU_WORKERS": "2"})
-        rows.append(row_of(out, "GPTQModel 7.6.0", "GPTQModel 7.6.0 (defaults)", bits, seconds, rss, ids, args.seqlen, args.params))
+        rows.append(row_of(out, "GPTQModel 7.6.0", "GPTQModel 7.6.0 (defaults)", bits, seconds, rss, ids, args.seqlen, args.params,
+                           args.other_ids))
 
-    print("\n| bits | method | wiki ppl | gap to unquantized | quantize time (s) | peak RSS (MB) | weights (MB) "
-          "| linear bits/weight | bits/param |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| 16/32 | unquantized | {base:.3f} | - | - | - | {folder_size(source, ('.safetensors',)) / 1e6:.1f} | - | - |")
+    if args.also:
+        earlier = json.loads(Path(args.also).read_text())
+        if abs(earlier["unquantized"] - base) > 1e-3:
+            parser.error(f"{args.also} scored the unquantized model {earlier['unquantized']:.3f}, not {base:.3f}: "
+                         "another protocol")
+        rows += [{**r, "name": r["name"] + f" (from {Path(args.also).name})"} for r in earlier["rows"]]
+    other = f" {args.other_text} ppl |" if args.other_text else ""
+    print("\n| bits | method | wiki ppl | gap to unquantized |" + other + " quantize time (s) | peak RSS (MB) "
+          "| weights (MB) | linear bits/weight | bits/param |")
+    print("|---|---|---|---|" + ("---|" if other else "") + "---|---|---|---|---|")
+    print(f"| 16/32 | unquantized | {base:.3f} | - |" + (f" {base_other:.3f} |" if other else "")
+          + f" - | - | {folder_size(source, ('.safetensors',)) / 1e6:.1f} | - | - |")
     for r in rows:
-        print(f"| {r['bits']} | {r['name']} | {r['ppl']:.3f} | {r['ppl'] - base:+.3f} | {r['seconds']:.0f} | "
+        print(f"| {r['bits']} | {r['name']} | {r['ppl']:.3f} | {r['ppl'] - base:+.3f} |"
+              + (f" {r.get('ppl_other', float('nan')):.3f} |" if other else "") + f" {r['seconds']:.0f} | "
               f"{r['rss']:.0f} | {r['mb']:.1f} | {r['linear_bits']:.3f} | {r['params_bits']:.2f} |")
     for bits in sorted({r["bits"] for r in rows}):
         ours = next((r for r in rows if r["bits"] == bits and r["family"] == "gptq"), None)
@@ -240,7 +279,8 @@ def main() -> None:
             print(f"{bits}-bit: rotated/plain time {rotated['seconds'] / ours['seconds']:.2f}x, "
                   f"gap {rotated['ppl'] - base:+.3f} against {ours['ppl'] - base:+.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"unquantized": base, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"unquantized": base, "unquantized_other": base_other, "rows": rows},
+                                              indent=1) + "\n")
     if args.plot:
         plot(rows, base, Path(args.plot))
         print(f"plot written to {args.plot}")
