@@ -3,11 +3,11 @@ factorized linear `<name>` is stored as its two factors `<name>.V.weight` [rank,
 `<name>.U.weight` [out, rank] (`<name>.U.bias` where the linear had a bias).
 
 config.json carries the record (`llmshrink_factorize`: ranks, the linears kept dense, parameters,
-errors, the config) and `quantization_config: {quant_method: llmshrink_factorized}`: transformers
-alone then refuses the folder by name instead of loading it with random dense weights, and with
-llmshrink's quantizer registered (hf.py) builds the factors itself. The ranks are read from the
-tensors, so the folder describes itself. A merged folder (`merge`) is an ordinary dense checkpoint
-that keeps the record.
+errors, the config) and `quantization_config: {quant_method: llmshrink_factorized}`, the hook by
+which transformers, with llmshrink's quantizer registered (hf.py), builds the factors itself. The
+model_type stays the model's own, so every reader of config.json (context length, vocabulary)
+works as before. The ranks are read from the tensors, so the folder describes itself. A merged
+folder (`merge`) is an ordinary dense checkpoint that keeps the record.
 """
 
 from __future__ import annotations

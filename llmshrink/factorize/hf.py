@@ -5,8 +5,12 @@ A factorized folder's config.json says `quantization_config: {quant_method: llms
 public `register_quantization_config` / `register_quantizer`): before the weights load, the
 quantizer swaps a FactorizedLinear of the stored rank in for every linear whose `<name>.V.weight`
 the checkpoint holds, and transformers loads the factors by name. Nothing is quantized; this is
-the hook transformers offers for "these modules are built differently before loading". Without
-it transformers refuses the folder ("Unknown quantization type llmshrink_factorized").
+the hook transformers offers for "these modules are built differently before loading".
+
+Without it, transformers (5.24) only warns ("Unknown quantization type, got llmshrink_factorized
+... we will skip the quantization") and gives the factorized linears fresh random weights (its
+load report lists them MISSING): such a folder must be loaded through llmshrink, or after
+`import llmshrink.factorize`.
 """
 
 from __future__ import annotations
