@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["allocation_cost", "allocate_ranks", "dense_cost", "max_saving_rank", "uniform_ranks"]
+__all__ = ["allocation_cost", "allocate_ranks", "check_budget", "dense_cost", "max_saving_rank", "uniform_ranks"]
 
 
 def dense_cost(shape: tuple[int, int]) -> int:
@@ -44,6 +44,18 @@ def uniform_ranks(shapes: dict[str, tuple[int, int]], ratio: float, min_rank: in
     return ranks
 
 
+def check_budget(shapes: dict[str, tuple[int, int]], ratio: float, min_rank: int = 1) -> dict[str, int | None]:
+    """The smallest allocation (rank `min_rank` wherever that saves parameters, else dense), or a
+    UsageError if even that exceeds `ratio` (checked from the shapes alone, before any work)."""
+    ranks = {n: min_rank if max_saving_rank(s) >= min_rank else None for n, s in shapes.items()}
+    total = sum(dense_cost(s) for s in shapes.values())
+    spent = allocation_cost(ranks, shapes)
+    if spent > int(ratio * total):
+        raise UsageError(f"ratio={ratio} is below what rank {min_rank} everywhere holds ({spent / total:.4f} of the "
+                         f"linears' parameters); use a ratio of at least {spent / total:.4f}")
+    return ranks
+
+
 def _offer(err: torch.Tensor, shape: tuple[int, int], r: int, jump: bool) -> tuple[float, int, bool] | None:
     """(error removed per parameter, parameters, is the jump to dense) of a linear's next step at rank r."""
     step = sum(shape)
@@ -68,14 +80,9 @@ def allocate_ranks(errors: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     Returns:
         name -> rank, or None for a linear kept dense.
     """
-    total = sum(dense_cost(s) for s in shapes.values())
-    budget = int(ratio * total)
-    ranks: dict[str, int | None] = {n: min_rank if max_saving_rank(s) >= min_rank else None
-                                    for n, s in shapes.items()}
+    ranks = check_budget(shapes, ratio, min_rank)
+    budget = int(ratio * sum(dense_cost(s) for s in shapes.values()))
     spent = allocation_cost(ranks, shapes)
-    if spent > budget:
-        raise UsageError(f"ratio={ratio} is below what rank {min_rank} everywhere holds ({spent / total:.4f} of the "
-                         f"linears' parameters); use a ratio of at least {spent / total:.4f}")
     heap: list = []
 
     def push(name: str, jump: bool = True) -> None:

@@ -25,7 +25,7 @@ from ..calibration import check_seqlen, resolve_calibration
 from ..errors import UsageError
 from ..gptq.algorithm import accumulate_hessian
 from ..gptq.passes import Passes, capture_first_inputs
-from .allocate import allocate_ranks, allocation_cost, dense_cost, uniform_ranks
+from .allocate import allocate_ranks, allocation_cost, check_budget, dense_cost, uniform_ranks
 from .config import FactorizeConfig
 from .modules import FactorizedLinear, set_module
 from .whiten import truncate, truncation_errors, whitened_svd, whitening
@@ -115,6 +115,7 @@ def factorize(model: nn.Module, config: FactorizeConfig, calibration: str | torc
     """
     chosen = chosen_linears(model, config)
     shapes = {name: (m.out_features, m.in_features) for steps in chosen for step in steps for name, m in step}
+    check_budget(shapes, config.ratio)  # a ratio no allocation can meet fails before any work
     calib, calib_info = None, None
     if config.whiten:
         check_seqlen(model.config, seqlen if not isinstance(calibration, torch.Tensor) else calibration.shape[1])

@@ -104,6 +104,6 @@ def _load(folder: Path, request: LoadRequest):
 
 FACTORIZED_FORMAT = register_format(Format(
     name="factorized", priority=40, detect=is_factorized_folder, load=_load,
-    describe=lambda folder: ("transformers", ["low-rank", "factorized"]),
+    describe=lambda folder: ("transformers", ["factorized"]),  # + the method's "low-rank" tag
     refusal="{name} cannot follow {before}: its linears are stored as low-rank factors; set merge: true on "
             "{before} so later steps get a dense model"))

@@ -280,6 +280,16 @@ def test_targets_choose_the_linears_and_sequential_whitening_runs(tiny):
         factorized_in_memory(tiny, FactorizeConfig(targets="nothing"))
 
 
+def test_a_ratio_no_allocation_can_meet_is_refused_before_calibrating(tiny, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("calibration was read")
+
+    monkeypatch.setattr("llmshrink.factorize.apply.resolve_calibration", no_work)
+    model, tokenizer, _ = load_model(tiny["base"])
+    with pytest.raises(UsageError, match=r"ratio=0\.01 is below what rank 1 everywhere holds"):
+        factorize(model, FactorizeConfig(ratio=0.01), tokenizer=tokenizer)
+
+
 def test_the_cli_runs_factorize_and_refuses_a_bad_ratio_before_any_work(tiny, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli"
     assert cli_main(["factorize", "--model", tiny["base"], "--ratio", "0.7", "--out", str(out), "--calib-file",
