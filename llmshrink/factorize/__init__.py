@@ -8,10 +8,10 @@ from .config import FactorizeConfig
 from .format import load_factorized, save_factorized
 from .hf import register_with_transformers
 from .modules import FactorizedLinear
-from .whiten import factorize_weight, truncation_errors, whitened_svd, whitening
+from .whiten import factorize_weight, truncation_errors, whitened_spectrum, whitened_svd, whitening
 
 __all__ = ["FactorizeConfig", "FactorizedLinear", "allocate_ranks", "factorize", "factorize_weight", "load_factorized",
-           "register_with_transformers", "save_factorized", "truncation_errors", "uniform_ranks", "whitened_svd",
-           "whitening"]
+           "register_with_transformers", "save_factorized", "truncation_errors", "uniform_ranks", "whitened_spectrum",
+           "whitened_svd", "whitening"]
 
 register_with_transformers()  # plain transformers loads factorized folders once this package is imported

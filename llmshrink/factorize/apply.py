@@ -4,9 +4,11 @@ calibration inputs, choose the ranks for the budget, then replace the linears by
 Two walks over the decoder, one layer at a time (only one layer's inputs, outputs and second
 moments are held): the first collects each linear's whitened singular values (its output error
 at every rank), `allocate.py` turns them into ranks, and the second recomputes each layer's
-second moments and swaps in the factors. With `sequential` the second walk feeds each factorized
-layer's outputs to the next, so later layers are whitened by the inputs they will see; without it
-both walks see the original model's activations. The math is `whiten.py`.
+second moments and swaps in the factors. With `sequential` (the default) the second walk feeds
+each factorized layer's outputs to the next, so later layers are whitened by the inputs they will
+see (one more layer forward per layer; measured better on the packaged model, see the config);
+without it both walks see the original model's activations. The ranks come from the first walk
+either way. The math is `whiten.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..gptq.passes import Passes, capture_first_inputs
 from .allocate import allocate_ranks, allocation_cost, check_budget, dense_cost, uniform_ranks
 from .config import FactorizeConfig
 from .modules import FactorizedLinear, set_module
-from .whiten import truncate, truncation_errors, whitened_svd, whitening
+from .whiten import truncate, truncation_errors, whitened_spectrum, whitened_svd, whitening
 
 __all__ = ["RECORD", "chosen_linears", "factorize"]
 
@@ -80,8 +82,7 @@ def _walk(model: nn.Module, calib: torch.Tensor | None, chosen, on_layer: OnLaye
 
         handles = [step[0][1].register_forward_pre_hook(hook(state)) for step, state in zip(chosen[i], moments)]
         try:
-            passes = Passes(layers[i], inputs)
-            outputs = passes.outputs()
+            outputs = Passes(layers[i], inputs).outputs()
         finally:
             for h in handles:
                 h.remove()
@@ -91,13 +92,15 @@ def _walk(model: nn.Module, calib: torch.Tensor | None, chosen, on_layer: OnLaye
         inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
 
 
-def _svds(steps, moments: dict, damp: float):
-    """(name, module, whitened SVD) of each linear of a layer; one whitening per shared input."""
+def _svds(steps, moments: dict, damp: float, values_only: bool = False):
+    """(name, module, whitened SVD, or only its singular values) of each linear of a layer; one
+    whitening per shared input."""
     for step in steps:
         H = moments[step[0][0]]
         whitener = None if H is None else whitening(H, damp)
         for name, module in step:
-            yield name, module, whitened_svd(module.weight.detach(), whitener)
+            W = module.weight.detach()
+            yield name, module, whitened_spectrum(W, whitener) if values_only else whitened_svd(W, whitener)
 
 
 def factorize(model: nn.Module, config: FactorizeConfig, calibration: str | torch.Tensor | None = None,
@@ -127,7 +130,7 @@ def factorize(model: nn.Module, config: FactorizeConfig, calibration: str | torc
         errors: dict[str, torch.Tensor] = {}
 
         def measure(i, steps, moments):
-            for name, _, (_, sigma, _) in _svds(steps, moments, config.damp):
+            for name, _, sigma in _svds(steps, moments, config.damp, values_only=True):
                 err = truncation_errors(sigma)
                 errors[name] = err / err[0] if config.relative and err[0] > 0 else err
 

@@ -24,13 +24,15 @@ class FactorizeConfig(MethodConfig):
         allocate: global (ranks chosen across all linears from their measured error-vs-rank curves
             to meet the budget) or uniform (every linear keeps the same share of its parameters).
         relative: with global, weigh each linear's output error relative to its output's energy
-            ||W X||^2 (linears whose outputs live at different scales compare); off: absolute errors.
+            ||W X||^2 (linears whose outputs live at different scales compare); off: absolute errors
+            (on the packaged model at ratio 0.8: ppl 80.0 relative, 1988 absolute).
         whiten: truncate in the space whitened by the calibration inputs' second moment, which
             minimizes each layer's output error; off: plain SVD of the raw weights (no calibration).
         damp: added to the second moment's eigenvalues, as a share of their mean (a ridge that keeps
             rank-deficient inputs invertible).
         sequential: whiten each layer by the inputs of the already factorized layers before it
-            (off: by the original model's inputs).
+            (off: by the original model's inputs; one layer forward less per layer). On the
+            packaged model at ratio 0.8: held-out wiki ppl 75.8 with it, 80.0 without (20.4 dense).
         targets: a regular expression searched in each decoder linear's name (e.g. 'mlp'); only
             the linears it finds are factorized and budgeted (empty: all).
         merge: write U @ V back as dense weights (a standard checkpoint of the original shape).
@@ -44,7 +46,7 @@ class FactorizeConfig(MethodConfig):
     relative: bool = True
     whiten: bool = True
     damp: float = 0.01
-    sequential: bool = False
+    sequential: bool = True
     targets: str = ""
     merge: bool = False
 

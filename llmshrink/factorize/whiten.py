@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["factorize_weight", "truncate", "truncation_errors", "whitened_svd", "whitening"]
+__all__ = ["factorize_weight", "truncate", "truncation_errors", "whitened_spectrum", "whitened_svd", "whitening"]
 
 
 def whitening(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +60,13 @@ def whitened_svd(W: torch.Tensor, whitener: tuple[torch.Tensor, torch.Tensor] | 
     S, S_inv = whitener
     P, sigma, Rt = torch.linalg.svd(W @ S, full_matrices=False)
     return P, sigma, Rt @ S_inv
+
+
+def whitened_spectrum(W: torch.Tensor, whitener: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The singular values of W S alone ([k] descending, float64): every rank's error, without the
+    singular vectors (a fraction of the SVD's time)."""
+    W = W.double()
+    return torch.linalg.svdvals(W if whitener is None else W @ whitener[0])
 
 
 def truncation_errors(sigma: torch.Tensor) -> torch.Tensor:

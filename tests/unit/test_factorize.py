@@ -20,7 +20,8 @@ from llmshrink.cli import main as cli_main
 from llmshrink.errors import UsageError
 from llmshrink.evals.data import corpus_documents
 from llmshrink.factorize import (FactorizeConfig, FactorizedLinear, allocate_ranks, factorize, factorize_weight,
-                                 save_factorized, truncation_errors, uniform_ranks, whitened_svd, whitening)
+                                 save_factorized, truncation_errors, uniform_ranks, whitened_spectrum, whitened_svd,
+                                 whitening)
 from llmshrink.factorize.allocate import allocation_cost, max_saving_rank
 from llmshrink.formats import detect
 from llmshrink.pipeline import load_recipe, run_recipe
@@ -51,6 +52,7 @@ def test_whitened_truncation_beats_plain_svd_on_output_error_and_predicts_it():
     X = correlated_inputs(600, 48)
     H = X.T @ X
     _, sigma, _ = whitened_svd(W, whitening(H, damp=0.0))
+    torch.testing.assert_close(whitened_spectrum(W, whitening(H, damp=0.0)), sigma)
     predicted = truncation_errors(sigma)
     for rank in (2, 8, 16, 32):
         U, V = factorize_weight(W, H, rank, damp=0.0)
