@@ -18,6 +18,7 @@ from llmshrink import (DeltaConfig, GPTQConfig, HealConfig, LayerPruneConfig, Pa
 from llmshrink.auto import load_model
 from llmshrink.calibration import Calibration
 from llmshrink.evals.data import corpus_documents
+from llmshrink.factorize import FactorizeConfig
 from llmshrink.methods import load_builtin_methods
 from llmshrink.rotate import RotateConfig
 
@@ -41,6 +42,7 @@ CASES = {
     "pack": PackConfig(threads=1),
     "rotate-hadamard": RotateConfig(),
     "rotate-random-no-heads": RotateConfig(kind="random", heads=False, seed=3),
+    "factorize-0.7": FactorizeConfig(ratio=0.7),
 }
 
 
