@@ -20,7 +20,8 @@ class WidthPruneConfig(MethodConfig):
 
     Every decoder layer keeps the same widths, because a transformers config has one
     `intermediate_size`, one `num_attention_heads` and one `num_key_value_heads` for all layers
-    (Llama-like models have no per-layer widths). Which channels and heads a layer keeps is its
+    (Llama-like models have no per-layer widths; in transformers 5 only Gemma 3n's config takes
+    one intermediate_size per layer). Which channels and heads a layer keeps is its
     own choice, by its own measured importance; how many, one count for all layers, is the count
     whose removed importance summed over the layers is least within the budget (each layer's sum
     taken relative to its total with `relative`). A channel's importance is the output energy it
