@@ -14,6 +14,7 @@ from .methods import compress
 from .models import DEFAULT_MODEL, resolve_model
 from .pack import PackConfig
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
+from .width_prune import WidthPruneConfig
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,5 @@ _register_with_transformers()
 _register_delta_with_transformers()
 
 __all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "FactorizeConfig", "GPTQConfig", "HealConfig",
-           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress", "compress_delta",
+           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "WidthPruneConfig", "compress", "compress_delta",
            "load_model", "load_tokenizer", "prune", "push_to_hub", "quantize", "resolve_model", "__version__"]
