@@ -148,8 +148,8 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
-        self.num_embeddings, self.embedding_dim, self.bits, self.group_size = num_embeddings, embedding_dim, bits, group_size
-        self.padding_idx = padding_idx
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.bits, self.group_size = bits, group_size
         _register_packed(self, embedding_dim, num_embeddings, bits, group_size, device)
         self.compute_dtype = dtype
 
