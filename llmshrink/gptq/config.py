@@ -115,9 +115,11 @@ class GPTQConfig(MethodConfig):
         target_bits: choose each linear's bits from 2, 3, 4 and 8 to least measured loss under this
             average bits per weight (scales, zeros and g_idx counted), written as `dynamic`; `bits`
             is then only the most common choice. None: every linear at `bits`.
-        embed_bits: also quantize the input embedding at these bits (round to nearest with range
-            search, the config's group size), stored in the GPTQ layout under the embedding's name.
-            Only llmshrink reads it; a tied head shares it. None keeps it in fp16.
+        embed_bits: also quantize the input embedding at these bits (the config's group size and
+            sym), stored in the GPTQ layout under the embedding's name. A tied head (lm_head off)
+            shares it, and it is then solved as that head (the algorithm with the head's Hessian);
+            else round to nearest with range search. Only llmshrink reads it (transformers too
+            after `import llmshrink`; not GPTQModel or vLLM). None keeps it in fp16.
         calib_dtype: dtype of the calibration forwards ("float32", "bfloat16", or "auto":
             bfloat16 on CUDA and on CPUs with native bf16 matmul, AVX512-BF16 or AMX; else
             float32). Hessians are accumulated and weights solved in float32 either way; bf16
