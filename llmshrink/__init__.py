@@ -4,6 +4,7 @@ from .auto import AutoModelForCausalLM, load_model, load_tokenizer
 from .delta import DeltaConfig, DeltaModel, compress_delta
 from .delta.hf import register_with_transformers as _register_delta_with_transformers
 from .errors import UsageError
+from .factorize import FactorizeConfig  # also registers factorized folders with transformers
 from .gptq.config import GPTQConfig, RTNConfig
 from .gptq.hf import register_with_transformers as _register_with_transformers
 from .gptq.quantize import quantize
@@ -13,15 +14,16 @@ from .methods import compress
 from .models import DEFAULT_MODEL, resolve_model
 from .pack import PackConfig
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
+from .width_prune import WidthPruneConfig
 
 __version__ = "0.1.0"
 
 # Plain transformers.AutoModelForCausalLM loads GPTQ checkpoints through llmshrink from here on
 # (unless transformers' own GPTQ path can run; see llmshrink/gptq/hf.py), and delta folders
-# (model_type llmshrink_delta; see llmshrink/delta/hf.py).
+# (model_type llmshrink_delta; see llmshrink/delta/hf.py), and factorized folders (llmshrink/factorize/hf.py).
 _register_with_transformers()
 _register_delta_with_transformers()
 
-__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "GPTQConfig", "HealConfig",
-           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "compress", "compress_delta",
+__all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "FactorizeConfig", "GPTQConfig", "HealConfig",
+           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "WidthPruneConfig", "compress", "compress_delta",
            "load_model", "load_tokenizer", "prune", "push_to_hub", "quantize", "resolve_model", "__version__"]

@@ -21,7 +21,7 @@ from typing import Iterator
 from .errors import UsageError
 
 __all__ = ["atomic_dir", "atomic_write_json", "check_writable_file", "prepare_out", "folder_size", "cache_dir",
-           "fingerprint", "fingerprint_change", "sha256_file", "tensor_sha256"]
+           "copy_tokenizer_files", "fingerprint", "fingerprint_change", "sha256_file", "tensor_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,3 +214,16 @@ def fingerprint_change(saved: dict, now: dict) -> str | None:
             if saved[name].get(key) != now[name].get(key):
                 return f"{name} has changed since the run began (its {what} differs)"
     return None
+
+
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "vocab", "merges")  # name prefixes
+
+
+def copy_tokenizer_files(source: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files of folder `source` into `dest`; their names (none for a folder without)."""
+    copied = []
+    for f in sorted(Path(source).iterdir()):
+        if f.is_file() and f.name.startswith(TOKENIZER_FILES):
+            shutil.copy2(f, Path(dest) / f.name)
+            copied.append(f.name)
+    return copied

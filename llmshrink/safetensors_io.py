@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 
 from .errors import UsageError
 
-__all__ = ["StoredTensor", "TensorIndex", "check_safetensors_file", "save_shards", "save_tensors"]
+__all__ = ["StoredTensor", "TensorIndex", "check_safetensors_file", "save_shards", "save_tensors", "tensors_sha256"]
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:
@@ -180,3 +181,16 @@ def save_shards(tensors: dict[str, torch.Tensor | StoredTensor], folder: Path, m
         weight_map.update({key: name for key in shard})
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def tensors_sha256(folder: str | os.PathLike) -> str:
+    """sha256 over a checkpoint's tensors (name, dtype, shape, bytes, in name order): the same for
+    a model however it is sharded, different for any change to any value."""
+    index = TensorIndex(folder)
+    h = hashlib.sha256()
+    for key in sorted(index.keys()):
+        t = index.get(key)
+        h.update(f"{key}\0{index.dtype_name(key)}\0{list(t.shape)}\0".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    index.release()
+    return h.hexdigest()

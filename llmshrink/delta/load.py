@@ -13,7 +13,6 @@ Tokenizer files are not copied: they come from the base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..arch import checkpoint_names
 from ..errors import UsageError
 from ..models import resolve_model
-from ..safetensors_io import TensorIndex
+from ..safetensors_io import TensorIndex, tensors_sha256
 from .codecs import codec_of
 
 __all__ = ["DELTA_FILE", "META_FILE", "FORMAT_VERSION", "is_delta_folder", "read_meta", "tensors_sha256",
@@ -56,19 +55,6 @@ def read_meta(folder: str | os.PathLike) -> dict:
         raise UsageError(f"{path} is delta format version {meta.get('version')}, newer than this llmshrink "
                          f"reads ({FORMAT_VERSION}); upgrade llmshrink")
     return meta
-
-
-def tensors_sha256(folder: str | os.PathLike) -> str:
-    """sha256 over a checkpoint's tensors (name, dtype, shape, bytes, in name order): the same for
-    a model however it is sharded, different for any change to any value."""
-    index = TensorIndex(folder)
-    h = hashlib.sha256()
-    for key in sorted(index.keys()):
-        t = index.get(key)
-        h.update(f"{key}\0{index.dtype_name(key)}\0{list(t.shape)}\0".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    index.release()
-    return h.hexdigest()
 
 
 def _candidates(meta: dict, base_model: str | os.PathLike | None) -> list[Path]:

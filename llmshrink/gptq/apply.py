@@ -6,8 +6,9 @@ safetensors files when its turn comes and emptied after. Finished layers and the
 inputs are kept in `<out>.partial/` (`resume.py`), so a run that is interrupted resumes from the
 last finished layer and writes the same checkpoint.
 
-The pieces: `passes.py` runs the calibration forwards, `layers.py` quantizes a layer's linears
-(the math is `algorithm.py`), `resume.py` keeps the .partial folder, `write.py` writes the folder.
+The pieces: `source.py` reads the source model, `passes.py` runs the calibration forwards,
+`layers.py` quantizes a layer's linears (the math is `algorithm.py`), `plan.py` plans the widths
+of `target_bits`, `resume.py` keeps the .partial folder, `write.py` writes the folder.
 """
 
 from __future__ import annotations
@@ -15,34 +16,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
 from ..errors import Interrupted, UsageError
 from ..io import prepare_out
 from ..safetensors_io import TensorIndex
 from .compat import vllm_limits, whole_group_size
-from .config import GPTQConfig
+from .config import GPTQConfig, dynamic_pattern
 from .embedding import check_embedding, quantize_embedding
 from .layers import head_of, quantize_head, quantize_layer
 from .passes import BATCH, calib_dtype, capture_first_inputs
+from .plan import MIXED_FILE, plan_mixed_precision
 from .resume import PartialRun, run_identity
+from .source import all_linears, check_finite, empty_model, load_into, load_outside_layers
 from .write import FORMAT_FILES, checkpoint_key, quantization_config, stored_desc_act, write_checkpoint
 
-__all__ = ["quantize_checkpoint", "FORMAT_FILES"]
+__all__ = ["FORMAT_FILES", "MIXED_FILE", "quantize_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 
 def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: torch.Tensor, out: str | os.PathLike,
                         calib_info: dict | None = None, overwrite: bool = False, progress: bool = True,
-                        max_shard_bytes: int = 2 * 2**30) -> Path:
+                        max_shard_bytes: int = 2 * 2**30, sensitivity: str | os.PathLike | None = None) -> Path:
     """Quantize the model saved in folder `source` into a GPTQ checkpoint at `out`.
 
     Args:
@@ -53,6 +54,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         calib_info: how `calib` was made, recorded in the checkpoint.
         overwrite: replace an existing non-empty `out`.
         max_shard_bytes: larger checkpoints are split into shards with an index.
+        sensitivity: with `config.target_bits`, the mixed_precision.json of an earlier run on the same
+            model and group size, whose measured losses are reused (any budget from one pass).
     Returns:
         The checkpoint folder.
     """
@@ -60,8 +63,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     calib_info = calib_info or {}
     prepare_out(out, overwrite)
     index = TensorIndex(source)
-    _check_finite(index)
-    model = _empty_model(source)
+    check_finite(index)
+    model = empty_model(source)
     if config.lm_head and head_of(model) is None:
         raise UsageError(f"{source} has no linear output head to quantize; leave lm_head off")
     check_embedding(model, config)
@@ -69,12 +72,17 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     layers = decoder_layers(model, spec)
     layer_prefix = spec.layers + "."
     key_of = {name: key for key, name in checkpoint_names(model, index.keys()).items()}
-    _load_outside_layers(model, source, index, key_of, layer_prefix)
+    load_outside_layers(model, source, index, key_of, layer_prefix)
+    _check_dynamic(config, model, layers, spec, layer_prefix)
     requested_group_size = config.group_size
-    config, vllm = _whole_groups(config, model, layers, spec, layer_prefix)
-
+    config = _whole_groups(config, model, layers, spec, layer_prefix)
     dtype = calib_dtype(config)
     calib_info = {**calib_info, "dtype": str(dtype).removeprefix("torch.")}
+    mixed = None
+    if config.target_bits is not None:
+        config, mixed = plan_mixed_precision(source, config, model, layers, spec, layer_prefix, index, key_of, calib,
+                                         dtype, calib_info, sensitivity, progress)
+    vllm = _vllm_verdict(config, model, layers, spec, layer_prefix)
     run = PartialRun(out, run_identity(source, config, calib_info, calib))
     if run.done:
         logger.info("resuming after layer %d of %d", run.done, len(layers))
@@ -89,7 +97,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         for i in range(run.done, len(layers)):
             layer = layers[i]
             prefix = f"{layer_prefix}{i}."
-            _load_into(layer, prefix, index, key_of)
+            load_into(layer, prefix, index, key_of)
             index.release()
             tensors, stats, outputs, tuple_output = quantize_layer(layer, prefix, spec, inputs, config, dtype)
             if needs_h:
@@ -126,60 +134,13 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         all_stats.update(run.layer_stats(i))
     tensors = {checkpoint_key(name, key_of): t for name, t in tensors.items()}
     qc = quantization_config(config, calib_info, all_stats, requested_group_size, vllm)
-    write_checkpoint(out, source, model, tensors, qc, max_shard_bytes)
+    extra = {}
+    if mixed is not None:
+        qc["llmshrink"]["mixed_precision"] = {k: mixed[k] for k in ("target_bits", "achieved_bits", "criterion")}
+        extra[MIXED_FILE] = mixed
+    write_checkpoint(out, source, model, tensors, qc, max_shard_bytes, extra)
     run.remove()
     return out
-
-
-def _check_finite(index: TensorIndex) -> None:
-    """Every floating tensor of the source is finite, checked before any work (one tensor at a time)."""
-    for key in index.keys():
-        if index.dtype_name(key) in ("F64", "F32", "F16", "BF16"):
-            tensor = index.get(key)
-            if not torch.isfinite(tensor).all():
-                raise UsageError(f"{key} holds NaN or Inf values (in {index.folder}); the model cannot be "
-                                 "quantized until they are fixed")
-    index.release()
-
-
-def _empty_model(folder: Path):
-    """The model of `folder`'s config, its weights on the meta device, in eval mode."""
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    if getattr(config, "quantization_config", None):
-        method = config.quantization_config.get("quant_method", "?") if isinstance(config.quantization_config, dict) \
-            else getattr(config.quantization_config, "quant_method", "?")
-        raise UsageError(f"{folder} is already quantized ({method}); quantize the original full-precision model")
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.eval()
-
-
-def _load_into(module: torch.nn.Module, prefix: str, index: TensorIndex, key_of: dict[str, str],
-               skip: str | None = None) -> None:
-    """Load the tensors of `module` (model names `prefix` + name; `key_of` maps model names to
-    checkpoint keys), except names under `skip`."""
-    for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
-        if skip and name.startswith(skip):
-            continue
-        key = key_of.get(f"{prefix}{name}")
-        if key is None:
-            continue  # tied or non-persistent; handled by the caller
-        tensor = index.get(key)
-        set_module_tensor_to_device(module, name, "cpu", value=tensor.float() if tensor.is_floating_point() else tensor)
-
-
-def _load_outside_layers(model, source: Path, index: TensorIndex, key_of: dict[str, str], layer_prefix: str) -> None:
-    """Load what lies outside the decoder layers (embeddings, final norm, head), kept throughout,
-    rounded to fp16 as it is saved so calibration sees the stored values."""
-    _load_into(model, "", index, key_of, skip=layer_prefix)
-    for name, p in model.named_parameters():
-        if not name.startswith(layer_prefix) and p.device.type != "meta":
-            p.data = p.data.to(torch.float16).float()
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(layer_prefix)]
-    if missing:
-        raise UsageError(f"{source} lacks {missing[0]}; the checkpoint does not match its config")
 
 
 def _quantized_linears(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> dict[str, tuple]:
@@ -197,21 +158,26 @@ def _quantized_linears(config: GPTQConfig, model, layers, spec, layer_prefix: st
     return found
 
 
-def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> tuple[GPTQConfig, dict]:
-    """`config` with a group size that gives every linear whole groups (see GPTQConfig.group_size),
-    and vLLM's verdict on the result ({"gpu": why not or None, "cpu": ...}; said in one warning
-    line before any work)."""
+def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> GPTQConfig:
+    """`config` with a group size that gives every linear whole groups (see GPTQConfig.group_size)."""
+    if config.partial_groups:
+        return config
     linears = _quantized_linears(config, model, layers, spec, layer_prefix)
-    if not config.partial_groups:
-        widths = [n for mconf, n in linears.values() if mconf.group_size == config.group_size]
-        size = whole_group_size(config.group_size, widths)
-        if size != config.group_size:
-            odd = next(name for name, (m, n) in linears.items() if m.group_size == config.group_size and n % config.group_size)
-            logger.info("group_size=%d leaves %s (%d inputs) a partial last group; using group_size=%d, which "
-                        "divides every linear (partial_groups=True keeps %d)", config.group_size, odd,
-                        linears[odd][1], size, config.group_size)
-            config = dataclasses.replace(config, group_size=size)
-            linears = _quantized_linears(config, model, layers, spec, layer_prefix)
+    widths = [n for mconf, n in linears.values() if mconf.group_size == config.group_size]
+    size = whole_group_size(config.group_size, widths)
+    if size != config.group_size:
+        odd = next(name for name, (m, n) in linears.items() if m.group_size == config.group_size and n % config.group_size)
+        logger.info("group_size=%d leaves %s (%d inputs) a partial last group; using group_size=%d, which "
+                    "divides every linear (partial_groups=True keeps %d)", config.group_size, odd,
+                    linears[odd][1], size, config.group_size)
+        config = dataclasses.replace(config, group_size=size)
+    return config
+
+
+def _vllm_verdict(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> dict:
+    """vLLM's verdict on the checkpoint `config` writes ({"gpu": why not or None, "cpu": ...}),
+    said in one warning line before any work."""
+    linears = _quantized_linears(config, model, layers, spec, layer_prefix)
     modules = {name: (m.bits, m.group_size, m.sym, n) for name, (m, n) in linears.items()}
     verdict = {backend: vllm_limits(modules, stored_desc_act(config), cpu=backend == "cpu", embed_bits=config.embed_bits)
                for backend in ("gpu", "cpu")}
@@ -219,4 +185,15 @@ def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) ->
         logger.warning("vLLM will not serve this checkpoint: %s", verdict["gpu"])
     elif verdict["cpu"]:
         logger.warning("vLLM will serve this checkpoint on GPUs only: %s", verdict["cpu"])
-    return config, verdict
+    return verdict
+
+
+def _check_dynamic(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> None:
+    """Every `dynamic` rule matches some linear of the model (before any work)."""
+    names = list(all_linears(model, layers, spec, layer_prefix))
+    for key in config.dynamic:
+        if not any(re.fullmatch(dynamic_pattern(key), name) for name in names):
+            raise UsageError(f"dynamic rule '{key}' matches no linear of this model (its linears are named like "
+                             f"'{names[0]}'); fix the regex or drop the rule")
+
+

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from ..cliargs import add_run_flags, field_default
 from ..models import DEFAULT_MODEL
-from .config import GPTQConfig
+from .apply import MIXED_FILE
+from .config import ROTATIONS, GPTQConfig
 from .quantize import quantize
 
 __all__ = ["add_cli"]
@@ -20,13 +22,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                         damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,
                         static_groups=args.static_groups, algorithm=args.method, clip_search=not args.no_clip_search,
                         calib_dtype=args.calib_dtype, lm_head=args.lm_head, partial_groups=args.partial_groups,
-                        embed_bits=args.embed_bits)
+                        rotate=args.rotate, target_bits=args.target_bits, embed_bits=args.embed_bits)
     started = time.perf_counter()
     out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
-                   seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
+                   seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite, sensitivity=args.sensitivity)
     stored = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
+    mixed = stored.get("llmshrink", {}).get("mixed_precision")
+    if mixed:
+        plan = json.loads((Path(out) / MIXED_FILE).read_text())["plan"]
+        for name, bits in plan.items():
+            print(f"  {name}: {bits} bits")
+        counts = Counter(plan.values())
+        print(f"mixed precision: {mixed['achieved_bits']:.3f} bits per weight (target {mixed['target_bits']}; "
+              + ", ".join(f"{n} linears at {b} bits" for b, n in sorted(counts.items())) + f"; plan in {MIXED_FILE})")
+    width = f"{config.bits}-bit" if not mixed else "mixed-precision"
     embedding = f" (input embedding {config.embed_bits}-bit)" if config.embed_bits is not None else ""
-    print(f"{config.algorithm} {config.bits}-bit g{stored['group_size']} checkpoint{embedding} written to {out} "
+    print(f"{config.algorithm} {width} g{stored['group_size']} checkpoint{embedding} written to {out} "
           f"in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -57,6 +68,14 @@ def add_cli(subparsers) -> None:
     p.add_argument("--partial-groups", action="store_true",
                    help="keep --group-size where it does not divide a linear's inputs (a partial last group; "
                         "vLLM cannot read it); by default the size is halved until every linear has whole groups")
+    p.add_argument("--rotate", choices=ROTATIONS, default=d("rotate"),
+                   help="rotate the model first (as `llmshrink rotate`), then quantize the rotated model")
+    p.add_argument("--target-bits", type=float, default=d("target_bits"),
+                   help="choose each linear's bits from 2, 3, 4, 8 under this average bits per weight (scales "
+                        "and zeros counted), written as `dynamic`; --bits is then ignored")
+    p.add_argument("--sensitivity", default=None, metavar="FOLDER_OR_JSON",
+                   help="with --target-bits: reuse the losses measured by an earlier --target-bits run on the same "
+                        "model (its checkpoint folder or mixed_precision.json), so any budget costs one quantize")
     p.add_argument("--calib-dtype", default=d("calib_dtype"), choices=["auto", "float32", "bfloat16"],
                    help="dtype of the calibration forwards (auto: bfloat16 where the CPU/GPU has native bf16 matmul)")
     p.add_argument("--damp-percent", type=float, default=d("damp_percent"))

@@ -158,15 +158,15 @@ class GPTQConfig(MethodConfig):
             if not isinstance(self.target_bits, (int, float)) or not 2 <= self.target_bits <= 8:
                 raise UsageError(f"target_bits={self.target_bits} is outside 2..8; give an average between 2 and 8 "
                                  "bits per weight, such as 3.5")
-            fixed = [k for k, v in self.dynamic.items() if not k.startswith("-:") and "bits" in v]
+            fixed = [k for k in self.dynamic if not k.startswith("-:")]
             if fixed:
-                raise UsageError(f"target_bits chooses every linear's bits, but dynamic['{fixed[0]}'] fixes some; "
-                                 "drop one of the two")
+                raise UsageError(f"target_bits writes its own dynamic rules, but dynamic['{fixed[0]}'] overrides "
+                                 "some linears; keep only '-:' skip rules with target_bits")
         if self.embed_bits is not None and self.embed_bits not in SUPPORTED_BITS:
             raise UsageError(f"embed_bits={self.embed_bits} is not supported; use one of "
                              f"{', '.join(map(str, SUPPORTED_BITS))} (or leave it off for fp16 embeddings)")
         for key, overrides in self.dynamic.items():
-            pattern = _pattern(key)
+            pattern = dynamic_pattern(key)
             try:
                 re.compile(pattern)
             except re.error as e:
@@ -199,7 +199,7 @@ class GPTQConfig(MethodConfig):
         if name.endswith("lm_head") and not self.lm_head:
             return None
         for key, overrides in self.dynamic.items():
-            if re.fullmatch(_pattern(key), name):
+            if re.fullmatch(dynamic_pattern(key), name):
                 if key.startswith("-:"):
                     return None
                 return dataclasses.replace(self, dynamic={}, **overrides)
@@ -209,7 +209,7 @@ class GPTQConfig(MethodConfig):
         """`dynamic` in the GPTQModel / vLLM checkpoint convention: '+:regex' overrides, '-:regex' skips."""
         out = {}
         for key, overrides in self.dynamic.items():
-            out[("-:" if key.startswith("-:") else "+:") + _pattern(key)] = {} if key.startswith("-:") else dict(overrides)
+            out[("-:" if key.startswith("-:") else "+:") + dynamic_pattern(key)] = {} if key.startswith("-:") else dict(overrides)
         return out
 
 
@@ -229,7 +229,8 @@ class RTNConfig(GPTQConfig):
         super().validate()
 
 
-def _pattern(key: str) -> str:
+def dynamic_pattern(key: str) -> str:
+    """The regex of a `dynamic` key (its "re:", "+:" or "-:" prefix removed)."""
     for prefix in ("re:", "+:", "-:"):
         if key.startswith(prefix):
             return key[len(prefix):]

@@ -19,7 +19,7 @@ def run(source: str, config: GPTQConfig, out: Path, context: Context) -> None:
 
 
 def needs_calibration(config: GPTQConfig) -> bool:
-    return config.needs_activations  # GPTQ's Hessians, or RTN's range search
+    return config.needs_activations or config.target_bits is not None  # Hessians, range search or sensitivity
 
 
 GPTQ = register(Method(config=GPTQConfig, run=run, output="quantized", needs_calibration=needs_calibration,

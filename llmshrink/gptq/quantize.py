@@ -15,6 +15,8 @@ from ..calibration import check_seqlen, resolve_calibration
 from ..errors import UsageError
 from ..io import prepare_out
 from ..models import resolve_model
+from ..rotate.config import RotateConfig
+from ..rotate.method import rotate_folder
 from .apply import quantize_checkpoint
 from .config import GPTQConfig
 
@@ -23,7 +25,7 @@ __all__ = ["quantize", "quantize_checkpoint"]
 
 def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str | torch.Tensor | None = None,
              nsamples: int = 128, seqlen: int = 512, seed: int = 0, overwrite: bool = False,
-             progress: bool = True) -> Path:
+             progress: bool = True, sensitivity: str | os.PathLike | None = None) -> Path:
     """Quantize `model` with `config` and save a standard GPTQ checkpoint at `out`.
 
     Args:
@@ -35,6 +37,7 @@ def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str
             .txt/.jsonl file, or [nsamples, seqlen] token ids.
         nsamples, seqlen, seed: calibration windows drawn from the text.
         overwrite: replace an existing non-empty `out`.
+        sensitivity: with `config.target_bits`, an earlier run's mixed_precision.json to reuse.
     Returns:
         The checkpoint folder.
     """
@@ -54,4 +57,9 @@ def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str
                      calibration.shape[1] if isinstance(calibration, torch.Tensor) else seqlen)
         tokenizer = None if isinstance(calibration, torch.Tensor) else load_tokenizer(tokenizer_source)
         calib, info = resolve_calibration(tokenizer, calibration, nsamples, seqlen, seed)
-        return quantize_checkpoint(source, config, calib, out, calib_info=info, overwrite=overwrite, progress=progress)
+        if config.rotate is not None:  # the rotated model is an ordinary model: quantize that
+            rotated = Path(tmp) / "rotated"
+            rotate_folder(source, RotateConfig(kind=config.rotate, seed=seed), rotated)
+            source = rotated
+        return quantize_checkpoint(source, config, calib, out, calib_info=info, overwrite=overwrite, progress=progress,
+                                   sensitivity=sensitivity)

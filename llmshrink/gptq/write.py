@@ -5,19 +5,17 @@ the generation config and the tokenizer files, renamed into place when complete.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_dir
+from ..io import atomic_dir, copy_tokenizer_files
 from ..safetensors_io import save_shards
 from .config import GPTQConfig
 
 __all__ = ["FORMAT_FILES", "checkpoint_key", "quantization_config", "stored_desc_act", "write_checkpoint"]
 
 FORMAT_FILES = ("config.json", "quantize_config.json")
-_TOKENIZER_FILES = ("tokenizer", "special_tokens", "chat_template", "vocab", "merges")  # name prefixes
 
 
 def stored_desc_act(config: GPTQConfig) -> bool:
@@ -69,9 +67,11 @@ def checkpoint_key(name: str, key_of: dict[str, str]) -> str:
     return weight_key[: -len("weight")] + suffix if weight_key else name
 
 
-def write_checkpoint(out: Path, source: Path, model, tensors: dict, qc: dict, max_shard_bytes: int) -> None:
+def write_checkpoint(out: Path, source: Path, model, tensors: dict, qc: dict, max_shard_bytes: int,
+                     extra: dict[str, dict] | None = None) -> None:
     """Write the checkpoint of `model` (its config; the weights are `tensors`, by checkpoint key,
-    tensors or `StoredTensor`s read one at a time) with quantization config `qc` at `out`."""
+    tensors or `StoredTensor`s read one at a time) with quantization config `qc` at `out`, and
+    `extra` JSON files by name."""
     model.config.quantization_config = qc
     model.config.dtype = torch.float16
     source_config = json.loads((source / "config.json").read_text())
@@ -81,8 +81,8 @@ def write_checkpoint(out: Path, source: Path, model, tensors: dict, qc: dict, ma
         save_shards(tensors, tmp, max_shard_bytes)
         model.config.save_pretrained(tmp)
         (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
+        for name, content in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        for f in source.iterdir():
-            if f.name.startswith(_TOKENIZER_FILES):
-                shutil.copy2(f, tmp / f.name)
+        copy_tokenizer_files(source, tmp)

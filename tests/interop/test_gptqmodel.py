@@ -51,7 +51,9 @@ def _assert_same_logits(theirs, folder, ids):
     llmshrink.GPTQConfig(partial_groups=True),  # g128 kept: a partial last group on the 576-wide layers
     llmshrink.GPTQConfig(bits=4, group_size=64, desc_act=True, static_groups=False),  # non-monotone g_idx
     llmshrink.GPTQConfig(bits=8, group_size=-1, desc_act=False),
-], ids=["defaults", "partial-groups", "g64-act-order", "8bit-per-channel"])
+    llmshrink.GPTQConfig(rotate="hadamard"),  # the rotated model: an ordinary (untied) Llama, quantized
+    llmshrink.GPTQConfig(algorithm="rtn", target_bits=3.5),  # per-linear 2/3/4/8 bits in `dynamic` (RTN: fast)
+], ids=["defaults", "partial-groups", "g64-act-order", "8bit-per-channel", "rotated", "mixed-precision"])
 # Not here: sym=False. GPTQModel 7.6 refuses asymmetric `checkpoint_format: gptq` (v1) checkpoints
 # that it did not write itself ("only supported if produced by gptqmodel version >= 0.9.0"),
 # because of the old v1 zero-point offset bug; ours clamp zero points to [1, 2**bits - 1], which
@@ -59,6 +61,9 @@ def _assert_same_logits(theirs, folder, ids):
 def test_gptqmodel_loads_our_checkpoint_with_the_same_logits(tmp_path, real_model, config):
     _, tokenizer, _ = real_model
     out = llmshrink.quantize("smollm2-135m", config, tmp_path / "ours", nsamples=4, seqlen=128, progress=False)
+    if config.target_bits is not None:  # a real mix, so GPTQModel has to read each linear's own bits
+        plan = json.loads((out / "mixed_precision.json").read_text())["plan"]
+        assert len(set(plan.values())) >= 2, plan
     ids = [tokenizer("The quick brown fox jumps over the lazy dog near the river bank.").input_ids]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     _peer("logits", out, tmp_path / "ids.json", tmp_path / "theirs.safetensors")

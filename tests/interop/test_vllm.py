@@ -97,7 +97,8 @@ def test_vllm_serves_the_quickstart_recipe_output(tmp_path, real_model):
     llmshrink.GPTQConfig(bits=4, desc_act=True, static_groups=True),
     llmshrink.GPTQConfig(bits=4, dynamic={"re:.*mlp.down_proj": {"group_size": 32}, "-:.*layers.0.self_attn.o_proj": {}}),
     llmshrink.GPTQConfig(bits=4, group_size=32, algorithm="rtn"),
-], ids=["4bit-act-order-static", "4bit-dynamic-override", "4bit-g32-rtn"])
+    llmshrink.GPTQConfig(bits=4, rotate="hadamard"),  # rotated: an untied head and no model-specific layout
+], ids=["4bit-act-order-static", "4bit-dynamic-override", "4bit-g32-rtn", "4bit-rotated"])
 def test_vllm_serves_our_checkpoints(tmp_path, real_model, config):
     _, tokenizer, _ = real_model
     out = llmshrink.quantize("smollm2-135m", config, tmp_path / "q", nsamples=8, seqlen=256, progress=False)

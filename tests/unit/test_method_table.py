@@ -18,8 +18,10 @@ from llmshrink import (DeltaConfig, GPTQConfig, HealConfig, LayerPruneConfig, Pa
 from llmshrink.auto import load_model
 from llmshrink.calibration import Calibration
 from llmshrink.evals.data import corpus_documents
+from llmshrink.factorize import FactorizeConfig
 from llmshrink.methods import load_builtin_methods
 from llmshrink.rotate import RotateConfig
+from llmshrink.width_prune import WidthPruneConfig
 
 from conftest import save_tiny
 
@@ -41,6 +43,8 @@ CASES = {
     "pack": PackConfig(threads=1),
     "rotate-hadamard": RotateConfig(),
     "rotate-random-no-heads": RotateConfig(kind="random", heads=False, seed=3),
+    "factorize-0.7": FactorizeConfig(ratio=0.7),
+    "width_prune-0.7": WidthPruneConfig(ratio=0.7, multiple=8),
 }
 
 

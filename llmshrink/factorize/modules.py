@@ -1,0 +1,86 @@
+"""The factorized linear: two ordinary nn.Linear in sequence (V: in -> rank, U: rank -> out), so
+every tool that handles linears (GPTQ, LoRA) sees the two factors as linears of their own."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+
+__all__ = ["FactorizedLinear", "factorized_modules", "install_factorized", "merge_factorized", "set_module"]
+
+
+class FactorizedLinear(nn.Module):
+    """y = U(V(x)): V [rank, in] without bias, then U [out, rank] with the original linear's bias."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.V = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.U = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_factors(cls, U: torch.Tensor, V: torch.Tensor, bias: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> "FactorizedLinear":
+        """From U [out, rank] and V [rank, in] (cast to `dtype`), and the bias [out] if any."""
+        module = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, dtype=dtype, device=U.device)
+        with torch.no_grad():
+            module.U.weight.copy_(U)
+            module.V.weight.copy_(V)
+            if bias is not None:
+                module.U.bias.copy_(bias)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.U(self.V(x))
+
+    def merged(self) -> nn.Linear:
+        """The dense nn.Linear with weight U @ V (computed in float64, stored in the factors' dtype)."""
+        dtype = self.U.weight.dtype
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.U.bias is not None, dtype=dtype,
+                          device=self.U.weight.device)
+        with torch.no_grad():
+            dense.weight.copy_((self.U.weight.double() @ self.V.weight.double()).to(dtype))
+            if self.U.bias is not None:
+                dense.bias.copy_(self.U.bias)
+        return dense
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at dotted path `name` of `model`."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def factorized_modules(model: nn.Module) -> dict[str, FactorizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+def install_factorized(model: nn.Module, ranks: dict[str, int], dtype: torch.dtype) -> None:
+    """Replace each nn.Linear named in `ranks` by an empty FactorizedLinear of that rank (on the
+    linear's device, meta included), for weights to be loaded into."""
+    for name, rank in ranks.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"the checkpoint factorizes {name}, which this model does not have; the checkpoint "
+                             "does not match its config") from None
+        if not isinstance(linear, nn.Linear):
+            raise UsageError(f"the checkpoint factorizes {name}, which is a {type(linear).__name__} in this model, not "
+                             "a linear; the checkpoint does not match its config")
+        set_module(model, name, FactorizedLinear(linear.in_features, linear.out_features, rank,
+                                                 bias=linear.bias is not None, dtype=dtype,
+                                                 device=linear.weight.device))
+
+
+def merge_factorized(model: nn.Module) -> list[str]:
+    """Replace every FactorizedLinear by its dense nn.Linear (U @ V); returns their names."""
+    names = list(factorized_modules(model))
+    for name in names:
+        set_module(model, name, model.get_submodule(name).merged())
+    return names

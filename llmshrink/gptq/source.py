@@ -1,0 +1,79 @@
+"""The source model of a quantize run, read the way the walker needs it: an empty (meta) model of
+its config, what lies outside the decoder layers loaded once, each layer loaded when its turn comes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..arch import layer_linears
+from ..errors import UsageError
+from ..safetensors_io import TensorIndex
+from .layers import head_of
+
+__all__ = ["all_linears", "check_finite", "empty_model", "load_into", "load_outside_layers"]
+
+
+def check_finite(index: TensorIndex) -> None:
+    """Every floating tensor of the source is finite, checked before any work (one tensor at a time)."""
+    for key in index.keys():
+        if index.dtype_name(key) in ("F64", "F32", "F16", "BF16"):
+            tensor = index.get(key)
+            if not torch.isfinite(tensor).all():
+                raise UsageError(f"{key} holds NaN or Inf values (in {index.folder}); the model cannot be "
+                                 "quantized until they are fixed")
+    index.release()
+
+
+def empty_model(folder: Path):
+    """The model of `folder`'s config, its weights on the meta device, in eval mode."""
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    if getattr(config, "quantization_config", None):
+        method = config.quantization_config.get("quant_method", "?") if isinstance(config.quantization_config, dict) \
+            else getattr(config.quantization_config, "quant_method", "?")
+        raise UsageError(f"{folder} is already quantized ({method}); quantize the original full-precision model")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def load_into(module: torch.nn.Module, prefix: str, index: TensorIndex, key_of: dict[str, str],
+               skip: str | None = None) -> None:
+    """Load the tensors of `module` (model names `prefix` + name; `key_of` maps model names to
+    checkpoint keys), except names under `skip`."""
+    for name, _ in list(module.named_parameters()) + list(module.named_buffers()):
+        if skip and name.startswith(skip):
+            continue
+        key = key_of.get(f"{prefix}{name}")
+        if key is None:
+            continue  # tied or non-persistent; handled by the caller
+        tensor = index.get(key)
+        set_module_tensor_to_device(module, name, "cpu", value=tensor.float() if tensor.is_floating_point() else tensor)
+
+
+def load_outside_layers(model, source: Path, index: TensorIndex, key_of: dict[str, str], layer_prefix: str) -> None:
+    """Load what lies outside the decoder layers (embeddings, final norm, head), kept throughout,
+    rounded to fp16 as it is saved so calibration sees the stored values."""
+    load_into(model, "", index, key_of, skip=layer_prefix)
+    for name, p in model.named_parameters():
+        if not name.startswith(layer_prefix) and p.device.type != "meta":
+            p.data = p.data.to(torch.float16).float()
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(layer_prefix)]
+    if missing:
+        raise UsageError(f"{source} lacks {missing[0]}; the checkpoint does not match its config")
+
+
+def all_linears(model, layers, spec, layer_prefix: str) -> dict[str, torch.nn.Linear]:
+    """Every linear the walker visits (decoder layers' in step order, then the head), by model name."""
+    found = {f"{layer_prefix}{i}.{name}": module for i, layer in enumerate(layers)
+             for step in layer_linears(layer, spec) for name, module in step}
+    head = head_of(model)
+    if head is not None:
+        found[head[0]] = head[1]
+    return found

@@ -1,0 +1,333 @@
+"""Low-rank factorization: the whitening math on planted inputs, the rank allocation as a pure
+function, and tiny Llama folders factorized -> saved -> loaded in a fresh process (llmshrink and
+plain transformers), merged, run from the CLI and from a recipe."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import llmshrink
+from llmshrink.auto import load_model
+from llmshrink.calibration import Calibration
+from llmshrink.cli import main as cli_main
+from llmshrink.errors import UsageError
+from llmshrink.evals.data import corpus_documents
+from llmshrink.factorize import (FactorizeConfig, FactorizedLinear, allocate_ranks, factorize, factorize_weight,
+                                 save_factorized, truncation_errors, uniform_ranks, whitened_spectrum, whitened_svd,
+                                 whitening)
+from llmshrink.factorize.allocate import allocation_cost, max_saving_rank
+from llmshrink.formats import detect
+from llmshrink.pipeline import load_recipe, run_recipe
+
+from conftest import save_tiny
+
+IDS = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def correlated_inputs(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
+    """[tokens, width] inputs with a few strong, correlated directions (as activations have)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(1, -2, width, dtype=torch.float64)
+    basis, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
+    return (torch.randn(tokens, width, generator=g, dtype=torch.float64) * scales) @ basis.T
+
+
+def output_error(W: torch.Tensor, approx: torch.Tensor, X: torch.Tensor) -> float:
+    return float(((W - approx) @ X.T).pow(2).sum())
+
+
+# ----------------------------------------------------------------------------- whitening
+
+
+def test_whitened_truncation_beats_plain_svd_on_output_error_and_predicts_it():
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(40, 48, generator=g, dtype=torch.float64)
+    X = correlated_inputs(600, 48)
+    H = X.T @ X
+    _, sigma, _ = whitened_svd(W, whitening(H, damp=0.0))
+    torch.testing.assert_close(whitened_spectrum(W, whitening(H, damp=0.0)), sigma)
+    predicted = truncation_errors(sigma)
+    for rank in (2, 8, 16, 32):
+        U, V = factorize_weight(W, H, rank, damp=0.0)
+        Up, Vp = factorize_weight(W, None, rank)
+        whitened, plain = output_error(W, U @ V, X), output_error(W, Up @ Vp, X)
+        assert whitened < (0.7 if rank == 2 else 0.2) * plain, (rank, whitened, plain)  # measured .62, .13, .02, .001
+        assert whitened == pytest.approx(float(predicted[rank]), rel=1e-6)  # the curve is the measured error
+    assert predicted[0] == pytest.approx(output_error(W, torch.zeros_like(W), X), rel=1e-9)
+
+
+def test_the_factors_are_balanced_and_multiply_back_at_full_rank():
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    X = correlated_inputs(100, 16, seed=3)
+    U, V = factorize_weight(W, X.T @ X, 16, damp=0.01)
+    torch.testing.assert_close(U @ V, W, rtol=1e-9, atol=1e-9)
+    _, sigma, _ = whitened_svd(W, whitening(X.T @ X, 0.01))
+    U, V = factorize_weight(W, X.T @ X, 5, damp=0.01)
+    # sqrt(sigma) on each side: U^T U = sigma_r = (V S)(V S)^T
+    S, _ = whitening(X.T @ X, 0.01)
+    torch.testing.assert_close(U.T @ U, torch.diag(sigma[:5]), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close((V @ S) @ (V @ S).T, torch.diag(sigma[:5]), rtol=1e-8, atol=1e-8)
+
+
+def test_rank_deficient_inputs_whiten_finitely_and_are_fit_exactly_at_their_rank():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(32, 48, generator=g, dtype=torch.float64)
+    X = correlated_inputs(10, 48, seed=5)  # 10 tokens, 48 inputs: H has rank 10
+    for damp in (0.0, 0.01):
+        S, S_inv = whitening(X.T @ X, damp)
+        assert torch.isfinite(S).all() and torch.isfinite(S_inv).all()
+    U, V = factorize_weight(W, X.T @ X, 10, damp=0.0)
+    assert output_error(W, U @ V, X) < 1e-8 * output_error(W, torch.zeros_like(W), X)
+    S, S_inv = whitening(torch.zeros(8, 8), 0.01)  # inputs that are all zero: plain SVD
+    torch.testing.assert_close(S, torch.eye(8, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- allocation
+
+
+def curve(decay: float, k: int) -> torch.Tensor:
+    return truncation_errors(torch.tensor([decay ** i for i in range(k)], dtype=torch.float64).sqrt())
+
+
+def test_the_allocation_meets_the_ratio_and_prefers_fast_decaying_spectra():
+    shapes = {"fast": (64, 64), "slow": (64, 64), "wide": (128, 64)}
+    errors = {"fast": curve(0.5, 64), "slow": curve(0.99, 64), "wide": curve(0.9, 64)}
+    total = sum(o * i for o, i in shapes.values())
+    for ratio in (0.2, 0.4, 0.6):
+        ranks = allocate_ranks(errors, shapes, ratio)
+        cost = allocation_cost(ranks, shapes)
+        assert cost <= ratio * total
+        assert cost > ratio * total - 2 * (128 + 64)  # no step that would still fit is left
+        kept = {n: min(shapes[n]) if r is None else r for n, r in ranks.items()}  # dense: full rank
+        assert kept["fast"] < kept["slow"], ranks
+    assert allocate_ranks(errors, shapes, 1.0) == {name: None for name in shapes}
+
+
+def test_the_allocation_beats_uniform_ranks_and_finds_the_optimum_of_a_small_case():
+    shapes = {"a": (8, 8), "b": (8, 8), "c": (8, 12)}
+    errors = {"a": curve(0.3, 8), "b": curve(0.95, 8), "c": curve(0.7, 8)}
+    total = sum(o * i for o, i in shapes.values())
+
+    def summed(ranks):
+        return sum(float(errors[n][r]) if r is not None else 0.0 for n, r in ranks.items())
+
+    options = {n: list(range(1, max_saving_rank(s) + 1)) + [None] for n, s in shapes.items()}
+    for ratio in (0.3, 0.5, 0.7):
+        greedy = allocate_ranks(errors, shapes, ratio)
+        feasible = [dict(zip(shapes, combo)) for combo in itertools.product(*options.values())
+                    if allocation_cost(dict(zip(shapes, combo)), shapes) <= ratio * total]
+        best = min(summed(r) for r in feasible)
+        uniform = uniform_ranks(shapes, ratio)
+        assert allocation_cost(uniform, shapes) <= ratio * total
+        assert summed(greedy) <= summed(uniform) + 1e-12
+        assert summed(greedy) == pytest.approx(best, rel=1e-9), (ratio, greedy)
+
+
+def test_linears_that_rank_cannot_shrink_stay_dense_and_a_ratio_below_rank_one_is_refused():
+    shapes = {"tiny": (2, 2), "big": (64, 64)}
+    assert max_saving_rank((2, 2)) == 0 and max_saving_rank((64, 64)) == 31
+    ranks = allocate_ranks({"tiny": curve(0.5, 2), "big": curve(0.9, 64)}, shapes, 0.3)
+    assert ranks["tiny"] is None and 1 <= ranks["big"] <= 31
+    with pytest.raises(UsageError, match=r"ratio=0\.01 is below what rank 1 everywhere holds.*use a ratio of at least"):
+        allocate_ranks({"tiny": curve(0.5, 2), "big": curve(0.9, 64)}, shapes, 0.01)
+    assert uniform_ranks(shapes, 1.0) == {"tiny": None, "big": None}
+    assert uniform_ranks(shapes, 0.5) == {"tiny": None, "big": 16}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ratio": 0}, r"ratio=0 is outside \(0, 1\]"), ({"ratio": 1.5}, r"ratio=1\.5 is outside \(0, 1\]"),
+    ({"allocate": "even"}, r"allocate='even' is not known"), ({"damp": -1.0}, r"damp=-1\.0 is outside"),
+    ({"targets": "("}, r"targets='\(' is not a regular expression"),
+])
+def test_bad_configs_are_one_line_errors(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        FactorizeConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("factorize")
+    base = save_tiny(root / "base", layers=3, seed=5)
+    text = root / "calib.txt"
+    text.write_text("\n\n".join(corpus_documents("wiki")[-40:]))
+    return {"root": root, "base": str(base), "calib": str(text),
+            "calibration": Calibration(source=str(text), nsamples=4, seqlen=32)}
+
+
+def factorized_in_memory(tiny, config: FactorizeConfig):
+    model, tokenizer, _ = load_model(tiny["base"])
+    record = factorize(model, config, calibration=tiny["calib"], tokenizer=tokenizer, nsamples=4, seqlen=32,
+                       progress=False)
+    return model, tokenizer, record
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+FRESH = """
+import json, sys, torch
+from safetensors.torch import save_file
+ids = torch.tensor(json.loads(sys.argv[2]))
+if sys.argv[4] == "llmshrink":
+    import llmshrink
+    model = llmshrink.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+elif sys.argv[4] == "transformers+llmshrink":
+    import llmshrink.factorize, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+else:
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    assert "llmshrink" not in sys.modules
+with torch.no_grad():
+    save_file({"logits": model(ids).logits.contiguous()}, sys.argv[3])
+"""
+
+
+def fresh_logits(folder, how: str, tmp_path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    result = tmp_path / f"logits-{how}.safetensors"
+    subprocess.run([sys.executable, "-c", FRESH, str(folder), json.dumps(IDS.tolist()), str(result), how],
+                   check=True, timeout=300)
+    return load_file(str(result))["logits"]
+
+
+def test_a_factorized_folder_loads_in_a_fresh_process_with_the_in_memory_logits(tiny, tmp_path):
+    model, tokenizer, record = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
+    assert record["ranks"] and record["parameters"]["ratio"] <= 0.6
+    assert all(isinstance(model.get_submodule(n), FactorizedLinear) and model.get_submodule(n).rank == r
+               for n, r in record["ranks"].items())
+    out = save_factorized(model, tokenizer, tmp_path / "f")
+    assert detect(out).name == "factorized"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "llmshrink_factorized"}
+    assert config["llmshrink_factorize"]["ranks"] == record["ranks"]
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    name, rank = next(iter(record["ranks"].items()))
+    assert {f"{name}.U.weight", f"{name}.V.weight"} <= keys and f"{name}.weight" not in keys
+    expected = logits(model)
+    torch.testing.assert_close(fresh_logits(out, "llmshrink", tmp_path), expected)
+    torch.testing.assert_close(fresh_logits(out, "transformers+llmshrink", tmp_path), expected)
+
+
+def test_plain_transformers_without_llmshrink_names_the_format_it_cannot_load(tiny, tmp_path):
+    """The known hazard (hf.py): transformers alone skips the unknown quant_method with a warning
+    and loads the factorized linears as random weights; the warning must name the format."""
+    model, tokenizer, _ = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
+    out = save_factorized(model, tokenizer, tmp_path / "f")
+    done = subprocess.run([sys.executable, "-c", FRESH, str(out), json.dumps(IDS.tolist()), str(tmp_path / "x"),
+                           "transformers"], capture_output=True, text=True, timeout=300)
+    assert "llmshrink_factorized" in done.stderr and "MISSING" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_merged_export_is_a_standard_folder_with_the_factorized_logits(tiny, tmp_path):
+    factorized, _, record = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
+    out = llmshrink.compress(tiny["base"], FactorizeConfig(ratio=0.6, merge=True), tmp_path / "merged",
+                             calibration=tiny["calibration"], progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert detect(out).name == "dense" and "quantization_config" not in config
+    assert config["llmshrink_factorize"]["merged"] and config["llmshrink_factorize"]["ranks"] == record["ranks"]
+    torch.testing.assert_close(fresh_logits(out, "transformers", tmp_path), logits(factorized), rtol=1e-4, atol=1e-4)
+
+
+def test_ratio_one_keeps_every_weight_exactly(tiny, tmp_path):
+    base, _, _ = load_model(tiny["base"])
+    out = llmshrink.compress(tiny["base"], FactorizeConfig(ratio=1.0), tmp_path / "one",
+                             calibration=tiny["calibration"], progress=False)
+    record = json.loads((out / "config.json").read_text())["llmshrink_factorize"]
+    assert record["ranks"] == {} and len(record["dense"]) == 3 * 7
+    torch.testing.assert_close(logits(llmshrink.AutoModelForCausalLM.from_pretrained(out)), logits(base),
+                               rtol=0, atol=0)
+
+
+def test_whitening_and_allocation_lower_the_output_error_of_the_tiny_model(tiny):
+    """On held-out text, whitened + allocated logits are closer to the original's than plain SVD
+    of the raw weights at uniform ranks, at no more parameters."""
+    base, tokenizer, _ = load_model(tiny["base"])
+    text = "\n\n".join(corpus_documents("wiki")[:20])
+    ids = torch.tensor(tokenizer(text).input_ids[:256]).reshape(8, 32)
+
+    def gap(config):
+        model, _, record = factorized_in_memory(tiny, config)
+        with torch.no_grad():
+            return record["parameters"], float((model(ids).logits - base(ids).logits).pow(2).mean())
+
+    plain_size, plain = gap(FactorizeConfig(ratio=0.7, whiten=False, allocate="uniform"))
+    size, whitened = gap(FactorizeConfig(ratio=plain_size["ratio"]))
+    assert size["kept"] <= plain_size["kept"]
+    assert whitened < plain, (whitened, plain)
+
+
+def test_targets_choose_the_linears_and_sequential_whitening_runs(tiny):
+    model, _, record = factorized_in_memory(tiny, FactorizeConfig(ratio=0.5, targets=r"mlp\.", sequential=True))
+    assert record["ranks"] and all(".mlp." in n for n in record["ranks"]) and len(record["dense"]) + len(
+        record["ranks"]) == 3 * 3
+    assert all(isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj")))
+    with pytest.raises(UsageError, match=r"targets='nothing' finds none of the decoder linears"):
+        factorized_in_memory(tiny, FactorizeConfig(targets="nothing"))
+
+
+def test_a_ratio_no_allocation_can_meet_is_refused_before_calibrating(tiny, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("calibration was read")
+
+    monkeypatch.setattr("llmshrink.factorize.apply.resolve_calibration", no_work)
+    model, tokenizer, _ = load_model(tiny["base"])
+    with pytest.raises(UsageError, match=r"ratio=0\.01 is below what rank 1 everywhere holds"):
+        factorize(model, FactorizeConfig(ratio=0.01), tokenizer=tokenizer)
+
+
+def test_the_cli_runs_factorize_and_refuses_a_bad_ratio_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cli"
+    assert cli_main(["factorize", "--model", tiny["base"], "--ratio", "0.7", "--out", str(out), "--calib-file",
+                     tiny["calib"], "--nsamples", "4", "--calib-seqlen", "32"]) == 0
+    assert "factorize output written to" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["llmshrink_factorize"]["parameters"]["ratio"] <= 0.7
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("llmshrink.factorize.method.load_model", no_work)
+    for ratio in ("0", "1.5", "-0.2"):
+        assert cli_main(["factorize", "--model", tiny["base"], "--ratio", ratio, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"ratio={float(ratio)} is outside (0, 1]" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_recipe_step_factorizes_and_later_steps_need_a_merged_model(tiny, tmp_path):
+    def recipe(steps: str, out):
+        path = tmp_path / "r.yaml"
+        path.write_text(f"model: {tiny['base']}\nseed: 0\ncalibration: {{source: {tiny['calib']}, nsamples: 4, "
+                        f"seqlen: 32}}\nsteps:\n{textwrap.dedent(steps)}out: {out}\n")
+        return path
+
+    with pytest.raises(UsageError, match=r"steps\[1\] \(rtn\) cannot follow steps\[0\] \(factorize\): its linears are "
+                                         r"stored as low-rank factors; set merge: true"):
+        load_recipe(recipe("  - {method: factorize}\n  - {method: rtn, bits: 8, clip_search: false}\n", tmp_path / "x"))
+    state = run_recipe(load_recipe(recipe("""\
+          - {method: factorize, ratio: 0.7, merge: true}
+          - {method: rtn, bits: 8, group_size: -1, clip_search: false}
+        """, tmp_path / "run")), progress=False)
+    assert [s["kind"] for s in state["steps"]] == ["dense", "quantized"]
+    state = run_recipe(load_recipe(recipe("  - {method: factorize, ratio: 0.7}\n", tmp_path / "run2")), progress=False)
+    final = tmp_path / "run2" / state["final"]
+    assert state["steps"][0]["kind"] == "factorized" and detect(final).name == "factorized"
+    loaded = llmshrink.AutoModelForCausalLM.from_pretrained(final)
+    ranks = json.loads((final / "config.json").read_text())["llmshrink_factorize"]["ranks"]
+    assert ranks and all(isinstance(loaded.get_submodule(n), FactorizedLinear) for n in ranks)
