@@ -63,7 +63,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-clip-search", action="store_true", help="plain min/max ranges (textbook GPTQ)")
     p.add_argument("--lm-head", action="store_true", help="also quantize the output head (unties a tied one)")
     p.add_argument("--embed-bits", type=int, default=d("embed_bits"),
-                   help="also quantize the input embedding at these bits (2, 3, 4 or 8; a tied head shares it); "
+                   help="also quantize the input embedding at these bits (2 to 8; a tied head shares it); "
                         "only llmshrink reads it, not GPTQModel or vLLM (default: fp16 embedding)")
     p.add_argument("--partial-groups", action="store_true",
                    help="keep --group-size where it does not divide a linear's inputs (a partial last group; "

@@ -40,7 +40,7 @@ from ..errors import UsageError
 from .algorithm import QuantResult
 from .config import ALGORITHMS, GPTQConfig
 from .layers import head_hessian, head_of
-from .packing import SUPPORTED_BITS, pack_gptq
+from .packing import STREAM_BITS, pack_gptq
 
 __all__ = ["TIED_DAMP", "check_embedding", "input_embedding", "quantize_embedding", "quantize_table"]
 
@@ -63,7 +63,7 @@ def check_embedding(model, config: GPTQConfig) -> None:
         return
     name, embed = input_embedding(model)
     vocab, hidden = embed.weight.shape
-    fits = [b for b in SUPPORTED_BITS if vocab * b % 32 == 0 and hidden * b % 32 == 0]
+    fits = [b for b in STREAM_BITS if vocab * b % 32 == 0 and hidden * b % 32 == 0]
     if config.embed_bits not in fits:
         fix = f"use embed_bits {' or '.join(map(str, fits))}" if fits else "leave embed_bits off"
         raise UsageError(f"{name} ({vocab}x{hidden}) cannot be packed at {config.embed_bits} bits (the vocabulary and "
@@ -80,7 +80,8 @@ def quantize_table(weight: torch.Tensor, H: torch.Tensor | None, config: GPTQCon
             (or no activations were kept): round to nearest, unweighted.
         config: the checkpoint's config (its algorithm solves a tied table, damped by TIED_DAMP).
     """
-    table = dataclasses.replace(config, bits=config.embed_bits, damp_percent=TIED_DAMP, dynamic={})
+    table = dataclasses.replace(config, damp_percent=TIED_DAMP, dynamic={}, target_bits=None)
+    table.bits = config.embed_bits  # set after validation: a table may take widths no GPTQ linear does
     solver = config.solver if H is not None else ALGORITHMS["rtn"]
     return solver.quantize(weight, H, table)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..kernels import Kernel, select_kernel
-from .packing import SUPPORTED_BITS, dequantize_gptq, unpack_rows
+from .packing import STREAM_BITS, dequantize_gptq, unpack_rows
 
 __all__ = ["PACKED", "QuantEmbedding", "QuantLinear", "retie_heads"]
 
@@ -44,8 +44,8 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
                  dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
         super().__init__()
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+        if bits not in STREAM_BITS:  # 5-7 bits only for a head that shares a quantized embedding
+            raise ValueError(f"bits={bits} is not supported; use one of {STREAM_BITS}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         _register_packed(self, in_features, out_features, bits, group_size, device)
         if bias:
@@ -146,8 +146,8 @@ class QuantEmbedding(nn.Module):
                  dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
                  padding_idx: int | None = None):
         super().__init__()
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+        if bits not in STREAM_BITS:
+            raise ValueError(f"bits={bits} is not supported; use one of {STREAM_BITS}")
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.bits, self.group_size = bits, group_size
         _register_packed(self, embedding_dim, num_embeddings, bits, group_size, device)
