@@ -234,7 +234,8 @@ def _score_windows(model, windows: list[tuple[torch.Tensor, int]], seqlen: int, 
                    progress: str | None, feed_last: bool) -> tuple[float, int]:
     """Summed NLL and tokens scored of (window ids [length], score_from) pairs, batched."""
     device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # a quantized head has no .weight
     per_batch = max(1, min(batch_tokens // seqlen, (1 << 30) // (seqlen * vocab * 4)))
     # Windows of equal length and score_from batch together (all but the first and last, usually).
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}

@@ -21,14 +21,17 @@ import math
 
 import torch
 
-__all__ = ["SUPPORTED_BITS", "pack_rows", "unpack_rows", "unpack_gptq", "unpack_zeros", "dequantize_gptq"]
+__all__ = ["STREAM_BITS", "SUPPORTED_BITS", "pack_rows", "unpack_rows", "unpack_gptq", "unpack_zeros", "dequantize_gptq"]
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)  # the GPTQ format's widths, which every reader of a linear knows
+# The bit stream packs any width up to 8 the way it packs 3 bits (codes straddle words); widths
+# outside SUPPORTED_BITS are for what only llmshrink reads (a quantized input embedding).
+STREAM_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 def _check(bits: int, n: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+    if bits not in STREAM_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {STREAM_BITS}")
     if (n * bits) % 32:
         raise ValueError(f"{n} codes of {bits} bits do not fill whole int32 words; "
                          f"the packed dimension must be a multiple of {32 // math.gcd(bits, 32)}")

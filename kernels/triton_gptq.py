@@ -38,7 +38,7 @@ import torch
 
 from .base import Kernel, sorted_groups, unpacked_codes
 from .gpu_compile import TRITON_TYPE, compile_for_gpu
-from .layout import pack_rows
+from .layout import SUPPORTED_BITS, pack_rows
 
 __all__ = ["TritonKernel", "gptq_matmul", "compile_report"]
 
@@ -259,6 +259,8 @@ class TritonKernel(Kernel):
             return "CUDA only (CPU only under TRITON_INTERPRET=1, for tests)"
         if dtype not in _DOT:
             return "activations must be float16, bfloat16 or float32"
+        if layer.bits not in SUPPORTED_BITS:
+            return f"{layer.bits}-bit codes (it reads {', '.join(map(str, SUPPORTED_BITS))})"
         return None
 
     def __init__(self, layer, device, dtype):

@@ -5,8 +5,9 @@ table of algorithms (GPTQ, round-to-nearest) it names; `algorithm.py` the tensor
 `packing.py` the standard GPTQ checkpoint tensors (their bit layout is `llmshrink.kernels.layout`).
 Quantizing a checkpoint: `apply.py` walks the model layer by layer, `passes.py` runs the
 calibration forwards, `layers.py` quantizes a layer's linears and the head, `resume.py` keeps the
-`.partial` folder an interrupted run resumes from, `write.py` writes the checkpoint.
-Loading: `linear.py` / `load.py` / `hf.py`, the quantized module and its loaders (the matmul
+`.partial` folder an interrupted run resumes from, `embedding.py` quantizes the input embedding
+(`embed_bits`), `write.py` writes the checkpoint.
+Loading: `linear.py` / `load.py` / `hf.py`, the quantized modules and their loaders (the matmul
 itself is in `llmshrink.kernels`); `compat.py` what vLLM reads.
 """
 

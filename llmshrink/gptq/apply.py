@@ -28,6 +28,7 @@ from ..io import prepare_out
 from ..safetensors_io import TensorIndex
 from .compat import vllm_limits, whole_group_size
 from .config import GPTQConfig, dynamic_pattern
+from .embedding import check_embedding, quantize_embedding
 from .layers import head_of, quantize_head, quantize_layer
 from .passes import BATCH, calib_dtype, capture_first_inputs
 from .plan import MIXED_FILE, plan_mixed_precision
@@ -66,6 +67,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     model = empty_model(source)
     if config.lm_head and head_of(model) is None:
         raise UsageError(f"{source} has no linear output head to quantize; leave lm_head off")
+    check_embedding(model, config)
     spec = arch_for(model)
     layers = decoder_layers(model, spec)
     layer_prefix = spec.layers + "."
@@ -118,6 +120,10 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         head_tensors, head_stats = quantize_head(model, layers, inputs, config, tuple_output)
         all_stats.update(head_stats)
         model.config.tie_word_embeddings = False  # the embeddings stay as they were
+    if config.embed_bits is not None:  # its `.weight` is then left out below, as a quantized head's is
+        embed_tensors, embed_stats = quantize_embedding(model, layers, inputs, config, tuple_output)
+        head_tensors.update(embed_tensors)
+        all_stats.update(embed_stats)
     tensors: dict = {}
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if not name.startswith(layer_prefix) and name in key_of and name.rsplit(".", 1)[0] + ".qweight" not in head_tensors:
@@ -173,7 +179,8 @@ def _vllm_verdict(config: GPTQConfig, model, layers, spec, layer_prefix: str) ->
     said in one warning line before any work."""
     linears = _quantized_linears(config, model, layers, spec, layer_prefix)
     modules = {name: (m.bits, m.group_size, m.sym, n) for name, (m, n) in linears.items()}
-    verdict = {backend: vllm_limits(modules, stored_desc_act(config), cpu=backend == "cpu") for backend in ("gpu", "cpu")}
+    verdict = {backend: vllm_limits(modules, stored_desc_act(config), cpu=backend == "cpu", embed_bits=config.embed_bits)
+               for backend in ("gpu", "cpu")}
     if verdict["gpu"]:
         logger.warning("vLLM will not serve this checkpoint: %s", verdict["gpu"])
     elif verdict["cpu"]:

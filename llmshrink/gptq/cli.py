@@ -22,7 +22,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                         damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,
                         static_groups=args.static_groups, algorithm=args.method, clip_search=not args.no_clip_search,
                         calib_dtype=args.calib_dtype, lm_head=args.lm_head, partial_groups=args.partial_groups,
-                        rotate=args.rotate, target_bits=args.target_bits)
+                        rotate=args.rotate, target_bits=args.target_bits, embed_bits=args.embed_bits)
     started = time.perf_counter()
     out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
                    seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite, sensitivity=args.sensitivity)
@@ -36,7 +36,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(f"mixed precision: {mixed['achieved_bits']:.3f} bits per weight (target {mixed['target_bits']}; "
               + ", ".join(f"{n} linears at {b} bits" for b, n in sorted(counts.items())) + f"; plan in {MIXED_FILE})")
     width = f"{config.bits}-bit" if not mixed else "mixed-precision"
-    print(f"{config.algorithm} {width} g{stored['group_size']} checkpoint written to {out} "
+    embedding = f" (input embedding {config.embed_bits}-bit)" if config.embed_bits is not None else ""
+    print(f"{config.algorithm} {width} g{stored['group_size']} checkpoint{embedding} written to {out} "
           f"in {time.perf_counter() - started:.0f} s")
     return 0
 
@@ -61,6 +62,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--no-true-sequential", action="store_true")
     p.add_argument("--no-clip-search", action="store_true", help="plain min/max ranges (textbook GPTQ)")
     p.add_argument("--lm-head", action="store_true", help="also quantize the output head (unties a tied one)")
+    p.add_argument("--embed-bits", type=int, default=d("embed_bits"),
+                   help="also quantize the input embedding at these bits (2 to 8; a tied head shares it); "
+                        "only llmshrink reads it, not GPTQModel or vLLM (default: fp16 embedding)")
     p.add_argument("--partial-groups", action="store_true",
                    help="keep --group-size where it does not divide a linear's inputs (a partial last group; "
                         "vLLM cannot read it); by default the size is halved until every linear has whole groups")

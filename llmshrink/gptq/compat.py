@@ -3,7 +3,7 @@
 vLLM 0.32 reads symmetric GPTQ with `desc_act: false` (a trivial or monotone `g_idx`) and whole
 groups: it allocates `in_features // group_size` scale rows, so a partial last group (576 inputs
 with group size 128) fails to load. Its GPU kernels read 4- and 8-bit, its CPU kernel
-(CPUWNA16) 4-bit only. llmshrink's loader and GPTQModel read all of these. Pure functions: the
+(CPUWNA16) 4-bit only; it reads no quantized input embedding (GPTQModel neither). llmshrink's loader and GPTQModel read all of these. Pure functions: the
 walker and the model card call them.
 """
 
@@ -36,7 +36,8 @@ def whole_group_size(group_size: int, in_features: list[int]) -> int:
     return group_size
 
 
-def vllm_limits(modules: dict[str, tuple[int, int, bool, int]], desc_act: bool, cpu: bool = False) -> str | None:
+def vllm_limits(modules: dict[str, tuple[int, int, bool, int]], desc_act: bool, cpu: bool = False,
+                embed_bits: int | None = None) -> str | None:
     """Why vLLM (on GPUs; with `cpu`, its CPU backend) cannot serve a checkpoint and what to
     change, in a sentence, or None if it can.
 
@@ -44,7 +45,11 @@ def vllm_limits(modules: dict[str, tuple[int, int, bool, int]], desc_act: bool, 
         modules: per quantized linear, (bits, group_size, sym, in_features) as the checkpoint
             stores it (after `dynamic` overrides).
         desc_act: the checkpoint's `desc_act` (a reordering g_idx).
+        embed_bits: the bits of a quantized input embedding (GPTQConfig.embed_bits), or None.
     """
+    if embed_bits is not None:
+        return (f"embed_bits={embed_bits} quantizes the input embedding, which vLLM (and GPTQModel) cannot read; "
+                "leave embed_bits off for a checkpoint vLLM serves")
     if desc_act:
         return ("desc_act=True: act-order without static groups reorders g_idx, which vLLM no longer reads; "
                 "keep static groups on (the default)")

@@ -18,7 +18,7 @@ from ..config import MethodConfig
 from ..errors import UsageError
 from .algorithm import DEFAULT_SHRINK_GRID, QuantResult, gptq_quantize, rtn_quantize
 from ..rotate.config import KINDS as ROTATIONS
-from .packing import SUPPORTED_BITS
+from .packing import STREAM_BITS, SUPPORTED_BITS
 
 __all__ = ["ALGORITHMS", "Algorithm", "GPTQConfig", "RTNConfig"]
 
@@ -115,9 +115,13 @@ class GPTQConfig(MethodConfig):
         target_bits: choose each linear's bits from 2, 3, 4 and 8 to least measured loss under this
             average bits per weight (scales, zeros and g_idx counted), written as `dynamic`; `bits`
             is then only the most common choice. None: every linear at `bits`.
-        embed_bits: also quantize the input embedding at these bits (round to nearest with range
-            search, the config's group size), stored in the GPTQ layout under the embedding's name.
-            Only llmshrink reads it; a tied head shares it. None keeps it in fp16.
+        embed_bits: also quantize the input embedding at these bits, 2 to 8 (the config's group size
+            and sym), stored in the GPTQ layout under the embedding's name (5-7 bits in the same bit
+            stream as 3 bits: only llmshrink reads a quantized embedding, so it need not keep to
+            the widths of GPTQ linears). A tied head (lm_head off)
+            shares it, and it is then solved as that head (the algorithm with the head's Hessian);
+            else round to nearest with range search. Only llmshrink reads it (transformers too
+            after `import llmshrink`; not GPTQModel or vLLM). None keeps it in fp16.
         calib_dtype: dtype of the calibration forwards ("float32", "bfloat16", or "auto":
             bfloat16 on CUDA and on CPUs with native bf16 matmul, AVX512-BF16 or AMX; else
             float32). Hessians are accumulated and weights solved in float32 either way; bf16
@@ -160,9 +164,9 @@ class GPTQConfig(MethodConfig):
             if fixed:
                 raise UsageError(f"target_bits writes its own dynamic rules, but dynamic['{fixed[0]}'] overrides "
                                  "some linears; keep only '-:' skip rules with target_bits")
-        if self.embed_bits is not None and self.embed_bits not in SUPPORTED_BITS:
+        if self.embed_bits is not None and self.embed_bits not in STREAM_BITS:
             raise UsageError(f"embed_bits={self.embed_bits} is not supported; use one of "
-                             f"{', '.join(map(str, SUPPORTED_BITS))} (or leave it off for fp16 embeddings)")
+                             f"{', '.join(map(str, STREAM_BITS))} (or leave it off for fp16 embeddings)")
         for key, overrides in self.dynamic.items():
             pattern = dynamic_pattern(key)
             try:

@@ -1,29 +1,18 @@
 """The GPTQ checkpoint format: a standard GPTQ folder (`quantization_config.quant_method: gptq`)
-loads into QuantLinear modules; its card offers `vllm serve` where llmshrink judged vLLM can."""
+loads into QuantLinear modules; its card offers `vllm serve` where llmshrink judged vLLM can, and
+names the readers of a checkpoint whose input embedding is quantized (only llmshrink's)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from transformers import AutoConfig
 
 from ..errors import UsageError
 from ..formats import Format, LoadRequest, register_format
-from .load import default_load_dtype, load_quantized, log_load_dtype
+from .load import default_load_dtype, load_quantized, log_load_dtype, read_quantization_config as quantization_config
 
 __all__ = ["GPTQ_FORMAT", "quantization_config"]
-
-
-def quantization_config(folder: Path) -> dict:
-    """config.json's quantization_config (empty when there is none or no config)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return {}  # resolve_model's folder check reports a broken config.json before any load
 
 
 def _detect(folder: Path) -> bool:
@@ -48,6 +37,9 @@ def _describe(folder: Path) -> tuple[str, list[str]]:
 
 def _card_lines(folder: Path, repo_id: str) -> list[str]:
     record = quantization_config(folder).get("llmshrink", {})
+    embedding = next(((name, m) for name, m in (record.get("modules") or {}).items() if m.get("embedding")), None)
+    if embedding is not None:
+        return _quantized_embedding_lines(*embedding)
     if record.get("vllm_servable", True):  # llmshrink's own verdict, where it wrote one
         lines = ["", "It is a standard GPTQ checkpoint: transformers (with gptqmodel) and vLLM read it "
                  "without llmshrink:", "", "```bash", f"vllm serve {repo_id}", "```"]
@@ -56,6 +48,15 @@ def _card_lines(folder: Path, repo_id: str) -> list[str]:
         return lines
     return ["", "It is a standard GPTQ checkpoint that transformers (with gptqmodel) and GPTQModel read; "
             f"vLLM does not serve it ({record.get('vllm_limit', 'see quantization_config')})."]
+
+
+def _quantized_embedding_lines(name: str, record: dict) -> list[str]:
+    """Who reads a checkpoint whose input embedding llmshrink quantized (`embed_bits`)."""
+    head = f"; the output head `{record['tied_head']}` shares it" if record.get("tied_head") else ""
+    return ["", f"It is a GPTQ checkpoint whose input embedding `{name}` is quantized too ({record['bits']}-bit, group "
+            f"size {record['group_size']}, stored as GPTQ tensors{head}). llmshrink "
+            "(`llmshrink.AutoModelForCausalLM.from_pretrained`) and transformers after `import llmshrink` load it; "
+            "GPTQModel and vLLM do not read a quantized input embedding."]
 
 
 GPTQ_FORMAT = register_format(Format(

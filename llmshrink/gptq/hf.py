@@ -7,8 +7,9 @@ registers `LlmshrinkGptqHfQuantizer` for "gptq" in transformers' quantizer regis
 in place. Set LLMSHRINK_HF_GPTQ=llmshrink to always use ours, =transformers to never register it.
 
 The quantizer reads which linears are quantized from the checkpoint's own tensors (every
-`*.qweight`), swaps in QuantLinear modules before the weights load, and lets transformers load
-the packed buffers by name.
+`*.qweight`), swaps in QuantLinear modules (a QuantEmbedding for a quantized input embedding,
+and a QuantLinear tied to it for a head that shares it) before the weights load, and lets
+transformers load the packed buffers by name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from ..arch import checkpoint_names
 from ..errors import UsageError
 from ..kernels import prepare_kernels
 from ..safetensors_io import TensorIndex
-from .load import default_load_dtype, log_load_dtype, replace_linears
+from .linear import retie_heads
+from .load import default_load_dtype, log_load_dtype, read_quantization_config, replace_quantized
 
 __all__ = ["LlmshrinkGptqHfQuantizer", "register_with_transformers"]
 
@@ -69,14 +71,18 @@ class LlmshrinkGptqHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not checkpoint_files:
             raise UsageError("a GPTQ checkpoint loads from safetensors files; none were found")
-        index = TensorIndex(Path(checkpoint_files[0]).parent)
+        folder = Path(checkpoint_files[0]).parent
+        index = TensorIndex(folder)
         model_name = checkpoint_names(model, index.keys())
         shapes = {model_name[k]: index.shape(k) for k in index.keys()}
         self.modules_to_not_convert = []
-        replaced = replace_linears(model, shapes, self.quantization_config.to_dict(), dtype=model.dtype)
-        logger.info("llmshrink: %d GPTQ linears loaded as QuantLinear", len(replaced))
+        # transformers' config object drops llmshrink's record (a quantized embedding's): read it as stored
+        qc = {**self.quantization_config.to_dict(), "llmshrink": read_quantization_config(folder).get("llmshrink", {})}
+        replaced = replace_quantized(model, shapes, qc, dtype=model.dtype)
+        logger.info("llmshrink: %d GPTQ modules loaded as QuantLinear / QuantEmbedding", len(replaced))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        retie_heads(model)  # a head tied to a quantized embedding takes its loaded tensors
         prepare_kernels(model)
         return model
 

@@ -18,7 +18,7 @@ from .config import GPTQConfig
 from .packing import pack_gptq
 from .passes import Passes, replay_block
 
-__all__ = ["head_of", "quantize_head", "quantize_layer"]
+__all__ = ["head_hessian", "head_of", "quantize_head", "quantize_layer"]
 
 
 def head_of(model) -> tuple[str, torch.nn.Linear] | None:
@@ -80,13 +80,32 @@ def quantize_head(model, layers, final: list[tuple[torch.Tensor, dict]], config:
                   tuple_output: bool) -> tuple[dict, dict]:
     """Quantize the output head (lm_head) on the calibration text, after every layer is done.
 
-    Its inputs (the last layer's outputs through the final norm and whatever else the model
-    applies) come from the model's own forward with each decoder layer standing in by the saved
-    last-layer outputs. A head tied to the input embeddings is untied: the embeddings stay as
-    they are, the head gets its own quantized tensors."""
+    Its inputs' Hessian is `head_hessian`'s. A head tied to the input embeddings is untied: the
+    embeddings stay as they are (or are quantized on their own, `embedding.py`), the head gets its
+    own quantized tensors."""
     name, head = head_of(model)
     mconf = config.for_module(name)
     _check_packable(name, head, mconf.bits, "leave lm_head off")
+    H = head_hessian(model, layers, final, tuple_output)
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
+    tensors, stats = {}, {}
+    masters = {f"{name}.{k}": v.data.float() for k, v in head.named_parameters()}
+    _quantize_step([(name, head, mconf)], H, masters, tensors, stats, prefix="")
+    if head.bias is not None:
+        tensors[f"{name}.bias"] = head.bias.data.to(torch.float16)
+    return tensors, stats
+
+
+def head_hessian(model, layers, final: list[tuple[torch.Tensor, dict]], tuple_output: bool) -> torch.Tensor | None:
+    """Hessian [in, in] of the output head's inputs on the calibration text, or None where no
+    activations were kept (plain RTN).
+
+    Its inputs (the last layer's outputs through the final norm and whatever else the model
+    applies) come from the model's own forward with each decoder layer standing in by the saved
+    last-layer outputs `final`; the pass stops at the head, so no logits are computed."""
+    if not final:
+        return None
+    _, head = head_of(model)
     # token ids only give the forward its shapes: every decoder layer ignores its input
     passes = Passes(lambda hidden, **kwargs: model(input_ids=torch.zeros(hidden.shape[:2], dtype=torch.long),
                                                    use_cache=False), final)
@@ -95,22 +114,13 @@ def quantize_head(model, layers, final: list[tuple[torch.Tensor, dict]], config:
         out = final[passes.batch][0]
         return (out,) if tuple_output else out
 
-    H = None  # plain RTN has no activations and needs none
-    if final:
+    for layer in layers:
+        layer.forward = stand_in
+    try:
+        return passes.hessian(head)
+    finally:
         for layer in layers:
-            layer.forward = stand_in
-        try:
-            H = passes.hessian(head)
-        finally:
-            for layer in layers:
-                del layer.forward
-    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie
-    tensors, stats = {}, {}
-    masters = {f"{name}.{k}": v.data.float() for k, v in head.named_parameters()}
-    _quantize_step([(name, head, mconf)], H, masters, tensors, stats, prefix="")
-    if head.bias is not None:
-        tensors[f"{name}.bias"] = head.bias.data.to(torch.float16)
-    return tensors, stats
+            del layer.forward
 
 
 def _check_packable(name: str, mod: torch.nn.Linear, bits: int, fix: str) -> None:

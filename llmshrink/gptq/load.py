@@ -1,7 +1,9 @@
-"""Load a GPTQ checkpoint (ours or any tool's `checkpoint_format: gptq`) into QuantLinear modules."""
+"""Load a GPTQ checkpoint (ours or any tool's `checkpoint_format: gptq`) into QuantLinear modules
+(and a QuantEmbedding where llmshrink quantized the input embedding)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,9 +19,10 @@ from ..errors import UsageError
 from ..kernels import prepare_kernels
 from ..kernels.cpu import native_bf16_cpu
 from ..safetensors_io import TensorIndex
-from .linear import QuantLinear
+from .linear import QuantEmbedding, QuantLinear, retie_heads
 
-__all__ = ["default_load_dtype", "log_load_dtype", "load_quantized", "is_gptq_checkpoint", "quant_method", "replace_linears"]
+__all__ = ["default_load_dtype", "log_load_dtype", "load_quantized", "is_gptq_checkpoint", "quant_method",
+           "read_quantization_config", "replace_quantized"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,41 +83,74 @@ def _group_size_for(name: str, qc: dict) -> int:
     return qc["group_size"]
 
 
-def replace_linears(model: nn.Module, shapes: dict[str, tuple[int, ...]], qc: dict, dtype: torch.dtype) -> list[str]:
-    """Swap in a QuantLinear for every nn.Linear that the checkpoint holds quantized.
+def read_quantization_config(folder: str | os.PathLike) -> dict:
+    """config.json's quantization_config in `folder`, as stored (empty when there is none or no
+    config). transformers' own GPTQ config object drops the keys it does not know, ours included."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}  # resolve_model's folder check reports a broken config.json before any load
+
+
+def replace_quantized(model: nn.Module, shapes: dict[str, tuple[int, ...]], qc: dict, dtype: torch.dtype) -> list[str]:
+    """Swap in a QuantLinear for every nn.Linear that the checkpoint holds quantized, a
+    QuantEmbedding for a quantized input embedding, and, for a head that shares that embedding
+    (recorded under `qc["llmshrink"]["modules"]`), a QuantLinear tied to it (`QuantLinear.tie_to`;
+    tie again with `retie_heads` once the weights are loaded).
 
     Args:
         model: the model skeleton (meta or real weights).
-        shapes: checkpoint key -> tensor shape; every `<name>.qweight` marks a quantized linear.
-        qc: the checkpoint's quantization_config (for group sizes and `dynamic` overrides).
+        shapes: checkpoint key -> tensor shape; every `<name>.qweight` marks a quantized module.
+        qc: the checkpoint's quantization_config as stored (group sizes, `dynamic` overrides, and
+            llmshrink's record of a quantized embedding).
     Returns:
         The names of the replaced modules.
     """
+    records = (qc.get("llmshrink") or {}).get("modules") or {}
     names = []
     for key in [k for k in shapes if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]
         try:
-            linear = model.get_submodule(name)
+            module = model.get_submodule(name)
         except AttributeError:
             raise UsageError(f"the checkpoint quantizes {name}, which this model does not have; "
                              "the checkpoint does not match its config") from None
-        if not isinstance(linear, nn.Linear):
-            raise UsageError(f"{name} is quantized in the checkpoint but is not a linear in the model")
-        bits = shapes[key][0] * 32 // linear.in_features
-        quant = QuantLinear(linear.in_features, linear.out_features, bits, _group_size_for(name, qc),
-                            bias=f"{name}.bias" in shapes, dtype=dtype)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, quant)
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            raise UsageError(f"{name} is quantized in the checkpoint but is neither a linear nor an embedding in the model")
+        group_size = records.get(name, {}).get("group_size", _group_size_for(name, qc))
+        if isinstance(module, nn.Embedding):
+            bits = shapes[key][0] * 32 // module.embedding_dim
+            quant = QuantEmbedding(module.num_embeddings, module.embedding_dim, bits, group_size, dtype=dtype,
+                                   padding_idx=module.padding_idx)
+        else:
+            bits = shapes[key][0] * 32 // module.in_features
+            quant = QuantLinear(module.in_features, module.out_features, bits, group_size,
+                                bias=f"{name}.bias" in shapes, dtype=dtype)
+        _set_module(model, name, quant)
         names.append(name)
+        head = records.get(name, {}).get("tied_head") if isinstance(quant, QuantEmbedding) else None
+        if head:
+            _set_module(model, head, QuantLinear.sharing(quant, bias=f"{head}.bias" in shapes, dtype=dtype))
+            names.append(head)
     return names
 
 
-def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """A causal LM whose GPTQ-quantized linears are QuantLinear modules, on the CPU in eval mode
-    (`llmshrink.AutoModelForCausalLM` passes `default_load_dtype` where no dtype is asked for).
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
-    Which linears are quantized is read from the checkpoint itself (every `*.qweight`), their
-    bits from the packed shapes, their group size from the config (and its `dynamic` overrides).
+
+def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A causal LM whose GPTQ-quantized linears are QuantLinear modules (a quantized input
+    embedding a QuantEmbedding), on the CPU in eval mode (`llmshrink.AutoModelForCausalLM` passes
+    `default_load_dtype` where no dtype is asked for).
+
+    Which modules are quantized is read from the checkpoint itself (every `*.qweight`), their
+    bits from the packed shapes, their group size from the config (and its `dynamic` overrides,
+    or llmshrink's record of the embedding).
     """
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -128,12 +164,13 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     names = checkpoint_names(model, index.keys())
-    replace_linears(model, {names[k]: index.shape(k) for k in index.keys()}, qc, dtype)
+    replace_quantized(model, {names[k]: index.shape(k) for k in index.keys()}, qc, dtype)
     state = {}
     for key in index.keys():
         t = index.get(key)
         state[names[key]] = t.to(dtype) if t.is_floating_point() and not key.endswith(".scales") else t
     result = model.load_state_dict(state, strict=False, assign=True)
+    retie_heads(model)  # the load replaced the embedding's buffers that a tied head shares
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]

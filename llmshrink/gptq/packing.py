@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.layout import SUPPORTED_BITS, dequantize_gptq, pack_rows, unpack_gptq, unpack_rows, unpack_zeros
+from ..kernels.layout import STREAM_BITS, SUPPORTED_BITS, dequantize_gptq, pack_rows, unpack_gptq, unpack_rows, unpack_zeros
 
-__all__ = ["SUPPORTED_BITS", "pack_rows", "unpack_rows", "pack_gptq", "unpack_gptq", "unpack_zeros",
+__all__ = ["STREAM_BITS", "SUPPORTED_BITS", "pack_rows", "unpack_rows", "pack_gptq", "unpack_gptq", "unpack_zeros",
            "dequantize_gptq"]
 
 
