@@ -4,6 +4,8 @@ names the readers of a checkpoint whose input embedding is quantized (only llmsh
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -13,6 +15,13 @@ from ..formats import Format, LoadRequest, register_format
 from .load import default_load_dtype, load_quantized, log_load_dtype, read_quantization_config as quantization_config
 
 __all__ = ["GPTQ_FORMAT", "quantization_config"]
+
+
+def _config_json(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
 
 
 def _detect(folder: Path) -> bool:
@@ -37,6 +46,29 @@ def _describe(folder: Path) -> tuple[str, list[str]]:
 
 def _card_lines(folder: Path, repo_id: str) -> list[str]:
     record = quantization_config(folder).get("llmshrink", {})
+    return _width_lines(folder, record) + _reader_lines(record, repo_id)
+
+
+def _width_lines(folder: Path, record: dict) -> list[str]:
+    """What the card says of a mixed-precision plan and of a rotation before quantizing."""
+    lines = []
+    mixed = record.get("mixed_precision")
+    if mixed:
+        widths = Counter(m["bits"] for name, m in (record.get("modules") or {}).items() if not m.get("embedding"))
+        lines += ["", f"Mixed precision: {mixed['achieved_bits']:.3f} bits per weight on average over the decoder "
+                  f"linears (scales, zeros and g_idx counted; target {mixed['target_bits']}): "
+                  + ", ".join(f"{n} linears at {b} bits" for b, n in sorted(widths.items()))
+                  + ". The plan is the standard `dynamic` field; `mixed_precision.json` has it with the measured losses."]
+    rotate = _config_json(folder).get("llmshrink_rotate")
+    if rotate:
+        lines += ["", f"Quantized after a {rotate['config']['kind']} rotation folded into the weights (an ordinary "
+                  "model of the same architecture" + (", its head untied from the embedding" if rotate.get("untied") else "")
+                  + ")."]
+    return lines
+
+
+def _reader_lines(record: dict, repo_id: str) -> list[str]:
+    """Which tools read the checkpoint."""
     embedding = next(((name, m) for name, m in (record.get("modules") or {}).items() if m.get("embedding")), None)
     if embedding is not None:
         return _quantized_embedding_lines(*embedding)

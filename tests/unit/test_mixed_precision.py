@@ -3,12 +3,14 @@
 import itertools
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
 
 from llmshrink import UsageError
 from llmshrink.gptq.config import GPTQConfig
+from llmshrink.hub import model_card
 from llmshrink.gptq.linear import QuantLinear
 from llmshrink.gptq.load import load_quantized
 from llmshrink.gptq.mixed import allocate, plan_rules, stored_bits
@@ -95,6 +97,10 @@ def test_target_bits_writes_a_plan_that_the_loader_reads(tmp_path):
         ids = _calib(2, 16)
         assert torch.allclose(loaded(ids).logits, original(ids).logits, atol=1e-4)
 
+    card = model_card(out, "me/tiny-mixed")
+    counts = ", ".join(f"{n} linears at {b} bits" for b, n in sorted(Counter(plan.values()).items()))
+    assert f"Mixed precision: {record['achieved_bits']:.3f} bits per weight" in card and counts in card
+
     again = quantize_checkpoint(tmp_path / "src", GPTQConfig(bits=4, group_size=16, target_bits=5.5), _calib(),
                                 tmp_path / "again", progress=False, sensitivity=out)
     assert json.loads((again / "mixed_precision.json").read_text())["plan"] == plan
@@ -141,6 +147,7 @@ def test_rotate_inside_quantize_gives_a_standard_checkpoint_of_the_rotated_model
     out = quantize(str(tmp_path / "src"), GPTQConfig(bits=8, group_size=16, rotate="hadamard"), tmp_path / "q",
                    calibration=_calib(), progress=False)
     config = json.loads((out / "config.json").read_text())
+    assert "Quantized after a hadamard rotation folded into the weights" in model_card(out, "me/tiny-rot")
     assert config["llmshrink_rotate"]["config"]["kind"] == "hadamard" and config["quantization_config"]["llmshrink"]["config"]["rotate"] == "hadamard"
     plain = quantize(str(tmp_path / "src"), GPTQConfig(bits=8, group_size=16), tmp_path / "plain",
                      calibration=_calib(), progress=False)
