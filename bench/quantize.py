@@ -112,6 +112,7 @@ ROWS = {
     "rotated-asym": ("GPTQ (llmshrink, --rotate hadamard --asym)", ["--rotate", "hadamard", "--asym"]),
     "embed4": ("GPTQ (llmshrink, --embed-bits 4)", ["--embed-bits", "4"]),
     "embed8": ("GPTQ (llmshrink, --embed-bits 8)", ["--embed-bits", "8"]),
+    "embed6": ("GPTQ (llmshrink, --embed-bits 6)", ["--embed-bits", "6"]),
     "rotated-embed4": ("GPTQ (llmshrink, --rotate hadamard --lm-head --embed-bits 4)",
                        ["--rotate", "hadamard", "--lm-head", "--embed-bits", "4"]),
 }
