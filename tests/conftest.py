@@ -110,3 +110,16 @@ def save_tiny(path: Path, layers: int = 2, hidden: int = 64, seed: int = 0, extr
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_with_calibration(root: Path) -> dict:
+    """A 3-layer tiny model saved under `root` with a calibration text file (the last 40 wiki
+    passages): {"root", "base", "calib", "calibration"} for methods that walk calibration inputs."""
+    from llmshrink.calibration import Calibration
+    from llmshrink.evals.data import corpus_documents
+
+    base = save_tiny(root / "base", layers=3, seed=5)
+    text = root / "calib.txt"
+    text.write_text("\n\n".join(corpus_documents("wiki")[-40:]))
+    return {"root": root, "base": str(base), "calib": str(text),
+            "calibration": Calibration(source=str(text), nsamples=4, seqlen=32)}

@@ -15,7 +15,6 @@ import torch
 
 import llmshrink
 from llmshrink.auto import load_model
-from llmshrink.calibration import Calibration
 from llmshrink.cli import main as cli_main
 from llmshrink.errors import UsageError
 from llmshrink.evals.data import corpus_documents
@@ -26,7 +25,7 @@ from llmshrink.factorize.allocate import allocation_cost, max_saving_rank
 from llmshrink.formats import detect
 from llmshrink.pipeline import load_recipe, run_recipe
 
-from conftest import save_tiny
+from conftest import tiny_with_calibration
 
 IDS = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(7))
 
@@ -157,12 +156,7 @@ def test_bad_configs_are_one_line_errors(kwargs, message):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("factorize")
-    base = save_tiny(root / "base", layers=3, seed=5)
-    text = root / "calib.txt"
-    text.write_text("\n\n".join(corpus_documents("wiki")[-40:]))
-    return {"root": root, "base": str(base), "calib": str(text),
-            "calibration": Calibration(source=str(text), nsamples=4, seqlen=32)}
+    return tiny_with_calibration(tmp_path_factory.mktemp("factorize"))
 
 
 def factorized_in_memory(tiny, config: FactorizeConfig):

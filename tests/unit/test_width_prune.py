@@ -16,7 +16,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import llmshrink
 from llmshrink.auto import load_model
-from llmshrink.calibration import Calibration
 from llmshrink.cli import main as cli_main
 from llmshrink.errors import UsageError
 from llmshrink.evals.data import corpus_documents
@@ -26,7 +25,7 @@ from llmshrink.width_prune import (MODEL_TYPES, WidthPruneConfig, channel_scores
                                    keep_indices, parse_ranges, plan_widths, ranges, width_prune)
 from llmshrink.width_prune.importance import attention_bias_shift, group_scores, mlp_bias_shift
 
-from conftest import save_tiny
+from conftest import tiny_with_calibration
 
 IDS = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(11))
 CALIB = torch.randint(1, 97, (8, 32), generator=torch.Generator().manual_seed(12))  # token ids: no tokenizer needed
@@ -171,12 +170,7 @@ def test_only_head_counts_the_config_accepts_are_offered():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("width_prune")
-    base = save_tiny(root / "base", layers=3, seed=5)
-    text = root / "calib.txt"
-    text.write_text("\n\n".join(corpus_documents("wiki")[-40:]))
-    return {"root": root, "base": str(base), "calib": str(text),
-            "calibration": Calibration(source=str(text), nsamples=4, seqlen=32)}
+    return tiny_with_calibration(tmp_path_factory.mktemp("width_prune"))
 
 
 def pruned_in_memory(tiny, config: WidthPruneConfig):
