@@ -68,6 +68,8 @@ CASES = [
     ("rotate --model {tiny} --out " + READ_ONLY, "is not writable"),
     ("rotate --model {tiny} --out r --kind bogus", "kind='bogus' is not known; use one of hadamard, random"),
     ("rotate --model {pickle} --out r", "holds only pickle weights"),
+    ("factorize --model {tiny} --out f --ratio 0", "ratio=0.0 is outside (0, 1]"),
+    ("width_prune --model {tiny} --out w --ratio 1.5", "ratio=1.5 is outside (0, 1]"),
     ("lm-eval --model hf --model_args pretrained={pickle} --tasks piqa", "holds only pickle weights"),
 ]
 
