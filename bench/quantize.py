@@ -167,6 +167,22 @@ def row_of(out: Path, family: str, name: str, bits: str, seconds: float, rss: fl
     return row
 
 
+class Rows(list):
+    """The rows measured so far, rewritten to `path` (if any) after each one, so a stopped run keeps them."""
+
+    def __init__(self, path: Path | None, base: float, base_other: float | None):
+        super().__init__()
+        self.path, self.base, self.base_other = path, base, base_other
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.path:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"unquantized": self.base, "unquantized_other": self.base_other,
+                                       "rows": list(self)}, indent=1) + "\n")
+            tmp.replace(self.path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -188,8 +204,9 @@ def main() -> None:
     parser.add_argument("--mixed-flags", default="", help="flags for the mixed rows, e.g. '--rotate hadamard'")
     parser.add_argument("--plot", default=None, help="write the size-vs-perplexity plot here (PNG)")
     parser.add_argument("--json", default=None, help="write every row here")
-    parser.add_argument("--also", default=None, help="a --json file of another run (same protocol) whose rows are "
-                                                     "added to the table and the plot, marked as from that run")
+    parser.add_argument("--also", default="", help="--json files of other runs (same protocol, comma-separated) whose "
+                                                   "rows are added to the table and the plot, marked as from that run; "
+                                                   "with --rows '' this only redraws")
     parser.add_argument("--other-text", default=None, choices=["lambada"],
                         help="also score every checkpoint on the first 20 windows of this corpus (text that "
                              "neither calibration nor the wiki windows come from)")
@@ -225,7 +242,7 @@ def main() -> None:
           f"torch={torch.__version__} threads={torch.get_num_threads()}", flush=True)
     print(f"unquantized ppl {base:.3f}", flush=True)
 
-    rows = []
+    rows = Rows(Path(args.json) if args.json else None, base, base_other)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cli = [sys.executable, "-m", "llmshrink"]
     for bits in dict.fromkeys(b for widths in wanted.values() for b in widths):
@@ -253,12 +270,12 @@ def main() -> None:
         rows.append(row_of(out, "GPTQModel 7.6.0", "GPTQModel 7.6.0 (defaults)", bits, seconds, rss, ids, args.seqlen, args.params,
                            args.other_ids))
 
-    if args.also:
-        earlier = json.loads(Path(args.also).read_text())
+    for also in [a for a in args.also.split(",") if a]:
+        earlier = json.loads(Path(also).read_text())
         if abs(earlier["unquantized"] - base) > 1e-3:
-            parser.error(f"{args.also} scored the unquantized model {earlier['unquantized']:.3f}, not {base:.3f}: "
+            parser.error(f"{also} scored the unquantized model {earlier['unquantized']:.3f}, not {base:.3f}: "
                          "another protocol")
-        rows += [{**r, "name": r["name"] + f" (from {Path(args.also).name})"} for r in earlier["rows"]]
+        rows += [{**r, "name": r["name"] + f" (from {Path(also).name})"} for r in earlier["rows"]]
     other = f" {args.other_text} ppl |" if args.other_text else ""
     print("\n| bits | method | wiki ppl | gap to unquantized |" + other + " quantize time (s) | peak RSS (MB) "
           "| weights (MB) | linear bits/weight | bits/param |")
@@ -279,9 +296,6 @@ def main() -> None:
         if ours and rotated:
             print(f"{bits}-bit: rotated/plain time {rotated['seconds'] / ours['seconds']:.2f}x, "
                   f"gap {rotated['ppl'] - base:+.3f} against {ours['ppl'] - base:+.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"unquantized": base, "unquantized_other": base_other, "rows": rows},
-                                              indent=1) + "\n")
     if args.plot:
         plot(rows, base, Path(args.plot))
         print(f"plot written to {args.plot}")
