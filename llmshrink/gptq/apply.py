@@ -145,17 +145,11 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
 
 def _quantized_linears(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> dict[str, tuple]:
     """Per linear that `config` quantizes: (its config, in_features)."""
-    found = {}
-    for i, layer in enumerate(layers):
-        for step in layer_linears(layer, spec):
-            for name, module in step:
-                mconf = config.for_module(f"{layer_prefix}{i}.{name}")
-                if mconf is not None:
-                    found[f"{layer_prefix}{i}.{name}"] = (mconf, module.in_features)
-    head = head_of(model) if config.lm_head else None
-    if head is not None and config.for_module(head[0]) is not None:
-        found[head[0]] = (config.for_module(head[0]), head[1].in_features)
-    return found
+    head = head_of(model)
+    skipped = head[0] if head is not None and not config.lm_head else None
+    return {name: (config.for_module(name), module.in_features)
+            for name, module in all_linears(model, layers, spec, layer_prefix).items()
+            if name != skipped and config.for_module(name) is not None}
 
 
 def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> GPTQConfig:
