@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantResult", "accumulate_hessian", "grid_params", "quantize_dequantize", "rtn_quantize",
+__all__ = ["QuantResult", "accumulate_cross", "accumulate_hessian", "fp_target_weight", "grid_params", "quantize_dequantize", "rtn_quantize",
            "gptq_quantize", "DEFAULT_SHRINK_GRID"]
 
 # Range shrink factors tried per group by the clipping search (1.0 = the full min/max range).
@@ -65,6 +65,35 @@ def accumulate_hessian(H: torch.Tensor | None, count: int, x: torch.Tensor) -> t
         for bj in blocks[i + 1:]:
             H[bj, bi].copy_(H[bi, bj].t())
     return H, total
+
+
+def accumulate_cross(M: torch.Tensor | None, count: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Running M = 2/N * sum_t x_t y_t^T, on the same scale as `accumulate_hessian`'s H.
+
+    Args:
+        M: [in, in] float32 so far, or None to start.
+        count: tokens behind M (before this call: pass the count `accumulate_hessian` was given).
+        x, y: [..., in] paired inputs of one linear (the quantized model's, the full-precision model's).
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    y = y.reshape(-1, y.shape[-1]).float()
+    if M is None:
+        M = torch.zeros((x.shape[1], y.shape[1]), dtype=torch.float32, device=x.device)
+    total = count + x.shape[0]
+    return M.mul_(count / total).addmm_(x.t(), y, alpha=2.0 / total)
+
+
+def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, M: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """The weight W* whose outputs on the quantized model's inputs X~ best match the full-precision
+    model's outputs W X (least squares, damped as GPTQ damps H):  W* = W M^T (H + damp I)^-1,
+    with H = X~ X~^T and M = X~ X^T.
+
+    Then ||Q X~ - W X||^2 = ||(Q - W*) X~||^2 + a constant, so GPTQ run on (W*, H) minimizes the
+    error against the full-precision outputs (the "asymmetric calibration" of GPTAQ, Li et al.
+    2025), not against the quantized model's own outputs."""
+    damp = damp_percent * torch.diagonal(H).mean().clamp(min=1e-8)
+    Hd = H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve(Hd, M @ weight.float().t()).t()
 
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool, shrink: float | torch.Tensor = 1.0

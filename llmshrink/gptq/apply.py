@@ -29,7 +29,7 @@ from ..safetensors_io import TensorIndex
 from .compat import vllm_limits, whole_group_size
 from .config import GPTQConfig, dynamic_pattern
 from .embedding import check_embedding, quantize_embedding
-from .layers import head_of, quantize_head, quantize_layer
+from .layers import fp_forward, head_of, quantize_head, quantize_layer
 from .passes import BATCH, calib_dtype, capture_first_inputs
 from .plan import MIXED_FILE, plan_mixed_precision
 from .resume import PartialRun, run_identity
@@ -88,6 +88,14 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         logger.info("resuming after layer %d of %d", run.done, len(layers))
     needs_h = config.needs_activations
     inputs = capture_first_inputs(model, layers, calib, dtype) if needs_h else []  # plain RTN: no activations
+    # config.fp_target: the full-precision model's hidden states run alongside (the same at the first layer)
+    fp_inputs = list(inputs) if config.fp_target and needs_h else None
+    if run.done and fp_inputs is not None:  # resumed: the full-precision layers before it run again
+        for i in range(run.done):
+            load_into(layers[i], f"{layer_prefix}{i}.", index, key_of)
+            layers[i].to(dtype)
+            fp_inputs = [(h, kw) for h, (_, kw) in zip(fp_forward(layers[i], [], fp_inputs)[1], fp_inputs)]
+            layers[i].to("meta")
     if run.done and needs_h:
         inputs = [(h, kw) for h, (_, kw) in zip(run.saved_inputs().split(BATCH), inputs)]
 
@@ -99,9 +107,12 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
             prefix = f"{layer_prefix}{i}."
             load_into(layer, prefix, index, key_of)
             index.release()
-            tensors, stats, outputs, tuple_output = quantize_layer(layer, prefix, spec, inputs, config, dtype)
+            tensors, stats, outputs, tuple_output, fp_outputs = quantize_layer(layer, prefix, spec, inputs, config,
+                                                                               dtype, fp_inputs)
             if needs_h:
                 inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
+            if fp_inputs is not None:
+                fp_inputs = [(h, kw) for h, (_, kw) in zip(fp_outputs, fp_inputs)]
             run.save_layer(i, {prefix + k: v for k, v in tensors.items()}, stats, outputs if needs_h else None,
                            tuple_output)
             layer.to("meta")  # free the layer's weights

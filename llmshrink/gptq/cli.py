@@ -22,7 +22,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                         damp_percent=args.damp_percent, true_sequential=not args.no_true_sequential,
                         static_groups=args.static_groups, algorithm=args.method, clip_search=not args.no_clip_search,
                         calib_dtype=args.calib_dtype, lm_head=args.lm_head, partial_groups=args.partial_groups,
-                        rotate=args.rotate, target_bits=args.target_bits, embed_bits=args.embed_bits)
+                        rotate=args.rotate, target_bits=args.target_bits, embed_bits=args.embed_bits,
+                        fp_target=args.fp_target)
     started = time.perf_counter()
     out = quantize(args.model, config, args.out, calibration=args.calib_file, nsamples=args.nsamples,
                    seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite, sensitivity=args.sensitivity)
@@ -65,6 +66,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--embed-bits", type=int, default=d("embed_bits"),
                    help="also quantize the input embedding at these bits (2 to 8; a tied head shares it); "
                         "only llmshrink reads it, not GPTQModel or vLLM (default: fp16 embedding)")
+    p.add_argument("--fp-target", action="store_true",
+                   help="solve each linear against the full-precision model's outputs, correcting the error of "
+                        "the layers before (GPTAQ's asymmetric calibration; a second forward per layer)")
     p.add_argument("--partial-groups", action="store_true",
                    help="keep --group-size where it does not divide a linear's inputs (a partial last group; "
                         "vLLM cannot read it); by default the size is halved until every linear has whole groups")

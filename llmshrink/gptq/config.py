@@ -122,6 +122,11 @@ class GPTQConfig(MethodConfig):
             shares it, and it is then solved as that head (the algorithm with the head's Hessian);
             else round to nearest with range search. Only llmshrink reads it (transformers too
             after `import llmshrink`; not GPTQModel or vLLM). None keeps it in fp16.
+        fp_target: solve each linear against the full-precision model's outputs on the
+            full-precision inputs (W X), not against the weights applied to the inputs the
+            quantized model gives it (W X~): GPTAQ's asymmetric calibration, which also corrects
+            the error the layers before have left. Costs a second forward of every layer (the
+            full-precision one) and one [in, in] solve per step. Off by default.
         calib_dtype: dtype of the calibration forwards ("float32", "bfloat16", or "auto":
             bfloat16 on CUDA and on CPUs with native bf16 matmul, AVX512-BF16 or AMX; else
             float32). Hessians are accumulated and weights solved in float32 either way; bf16
@@ -147,6 +152,7 @@ class GPTQConfig(MethodConfig):
     rotate: str | None = None
     target_bits: float | None = None
     embed_bits: int | None = None
+    fp_target: bool = False
 
     def validate(self) -> None:
         _check_grid(self.bits, self.group_size, self.damp_percent, where="")
@@ -164,6 +170,9 @@ class GPTQConfig(MethodConfig):
             if fixed:
                 raise UsageError(f"target_bits writes its own dynamic rules, but dynamic['{fixed[0]}'] overrides "
                                  "some linears; keep only '-:' skip rules with target_bits")
+        if self.fp_target and self.algorithm != "gptq":
+            raise UsageError(f"fp_target solves GPTQ against the full-precision outputs; algorithm='{self.algorithm}' "
+                             "does not solve: use algorithm='gptq' or leave fp_target off")
         if self.embed_bits is not None and self.embed_bits not in STREAM_BITS:
             raise UsageError(f"embed_bits={self.embed_bits} is not supported; use one of "
                              f"{', '.join(map(str, STREAM_BITS))} (or leave it off for fp16 embeddings)")

@@ -14,11 +14,12 @@ import torch
 
 from ..arch import layer_linears
 from ..errors import UsageError
+from .algorithm import fp_target_weight
 from .config import GPTQConfig
 from .packing import pack_gptq
 from .passes import Passes, replay_block
 
-__all__ = ["head_hessian", "head_of", "quantize_head", "quantize_layer"]
+__all__ = ["fp_forward", "head_hessian", "head_of", "quantize_head", "quantize_layer"]
 
 
 def head_of(model) -> tuple[str, torch.nn.Linear] | None:
@@ -29,25 +30,33 @@ def head_of(model) -> tuple[str, torch.nn.Linear] | None:
     return next(name for name, m in model.named_modules() if m is head), head
 
 
-def quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
-                   dtype: torch.dtype = torch.float32) -> tuple[dict, dict, list, bool]:
+def quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig, dtype: torch.dtype = torch.float32,
+                   fp_inputs=None) -> tuple[dict, dict, list, bool, list]:
     """Quantize one loaded (float32) layer in place: weights are replaced by their dequantized
     values and everything is cast to `dtype`, the calibration dtype, for the forwards.
 
     Linears of one step share an input, so they share one Hessian. With `true_sequential` each
     step's Hessian is taken after the steps before it were quantized; otherwise all come from the
-    unquantized layer. Returns (tensors to save under `prefix`, per-module stats, the layer's
-    outputs for the calibration inputs, empty when no activations are needed, and whether the
-    layer returns them in a tuple)."""
+    unquantized layer. With `fp_inputs` (the full-precision model's inputs of this layer, per
+    batch as `inputs`; `config.fp_target`), each step is solved against the full-precision
+    layer's outputs (`algorithm.fp_target_weight`). Returns (tensors to save under `prefix`,
+    per-module stats, the layer's outputs for the calibration inputs, empty when no activations
+    are needed, whether the layer returns them in a tuple, and the full-precision layer's outputs
+    for `fp_inputs`, empty without them)."""
     steps = layer_linears(layer, spec)
     needs_h = config.needs_activations
     masters = {name: p.data for name, p in layer.named_parameters()}  # float32, what is quantized and saved
     for p in layer.parameters():
         p.data = p.data.to(dtype)
+    fp_step_inputs, fp_outputs = fp_forward(layer, steps, fp_inputs) if fp_inputs is not None else ([], [])
     passes = Passes(layer, inputs)
     try:
-        hessians = {} if config.true_sequential or not needs_h else {i: passes.hessian(step[0][1])
-                                                                      for i, step in enumerate(steps)}
+        def hessian(i, block=None):
+            if not fp_step_inputs:
+                return passes.hessian(steps[i][0][1], block), None
+            return passes.hessian(steps[i][0][1], block, paired=fp_step_inputs[i])
+
+        hessians = {} if config.true_sequential or not needs_h else {i: hessian(i) for i in range(len(steps))}
         tensors, stats = {}, {}
         for i, step in enumerate(steps):
             todo = [(name, mod, config.for_module(prefix + name)) for name, mod in step]
@@ -57,12 +66,12 @@ def quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
             for name, mod, mconf in todo:
                 _check_packable(prefix + name, mod, mconf.bits, f"skip it with dynamic={{'-:{prefix}{name}': {{}}}}")
             if not needs_h:
-                H = None  # plain round-to-nearest needs no activations
+                H, M = None, None  # plain round-to-nearest needs no activations
             elif i in hessians:
-                H = hessians[i]
+                H, M = hessians[i]
             else:
-                H = passes.hessian(step[0][1], replay_block(layer, steps, i, inputs[0][0].shape[-1]))
-            _quantize_step(todo, H, masters, tensors, stats, prefix)
+                H, M = hessian(i, replay_block(layer, steps, i, inputs[0][0].shape[-1]))
+            _quantize_step(todo, H, masters, tensors, stats, prefix, M)
             passes.replay_pending()
         packed = {n[: -len("qweight")] + "weight" for n in tensors if n.endswith(".qweight")}
         for name, p in layer.named_parameters():  # everything else, biases too: as is, fp16
@@ -71,9 +80,23 @@ def quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig,
             tensors[name] = masters[name].to(torch.float16)
             p.data = tensors[name].to(dtype)  # later layers see what is saved
         outputs = passes.outputs() if needs_h else []
-        return tensors, stats, outputs, passes.tuple_output
+        return tensors, stats, outputs, passes.tuple_output, fp_outputs
     finally:
         passes.close()
+
+
+def fp_forward(layer, steps, inputs) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """Run the (still unquantized) `layer` on `inputs`: (per step of `steps`, its inputs per batch;
+    the layer's outputs per batch)."""
+    seen: list[list[torch.Tensor]] = [[] for _ in steps]
+    handles = [step[0][1].register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0]))
+               for i, step in enumerate(steps)]
+    try:
+        outputs = Passes(layer, inputs).outputs()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, outputs
 
 
 def quantize_head(model, layers, final: list[tuple[torch.Tensor, dict]], config: GPTQConfig,
@@ -128,9 +151,10 @@ def _check_packable(name: str, mod: torch.nn.Linear, bits: int, fix: str) -> Non
         raise UsageError(f"{name} ({mod.in_features}x{mod.out_features}) cannot be packed at {bits} bits; {fix}")
 
 
-def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: str) -> None:
+def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: str, M=None) -> None:
     """Quantize the linears of one step (sharing Hessian `H`; float32 weights in `masters` by
-    parameter name), filling `tensors` and `stats`.
+    parameter name), filling `tensors` and `stats`; with `M` (the cross moment of the quantized
+    and full-precision inputs), against the full-precision outputs (`fp_target_weight`).
 
     Linears with the same settings are solved as one stacked weight: GPTQ treats rows
     independently given the shared Hessian, so the result is the same, with one Cholesky and one
@@ -141,6 +165,8 @@ def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: s
     for batch in batches.values():
         mconf = batch[0][2]
         weight = torch.cat([masters[f"{name}.weight"] for name, _, _ in batch])  # [sum of out, in]
+        if M is not None:
+            weight = fp_target_weight(weight, H, M, mconf.damp_percent)
         result = mconf.solver.quantize(weight, H, mconf)
         row = 0
         for name, mod, _ in batch:

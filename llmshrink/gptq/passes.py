@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.cpu import native_bf16_cpu
-from .algorithm import accumulate_hessian
+from .algorithm import accumulate_cross, accumulate_hessian
 from .config import GPTQConfig
 
 __all__ = ["BATCH", "Passes", "calib_dtype", "capture_first_inputs", "replay_block"]
@@ -87,16 +87,21 @@ class Passes:
         self._pending = None
         self.tuple_output = False  # whether the layer returns a tuple (hidden, ...), seen in outputs()
 
-    def hessian(self, module: torch.nn.Module, block: torch.nn.Module | None = None) -> torch.Tensor:
+    def hessian(self, module: torch.nn.Module, block: torch.nn.Module | None = None,
+                paired: list[torch.Tensor] | None = None):
         """Hessian of the inputs reaching `module`, each pass stopping as soon as they are seen.
 
         With `block` (the child of the layer whose output `module` produces), the inputs are also
-        kept so that `replay_pending()` can stand in for the block afterwards."""
-        state = {"H": None, "n": 0}
+        kept so that `replay_pending()` can stand in for the block afterwards. With `paired` (per
+        batch, other inputs of `module`: the full-precision model's), returns (H, M) with M their
+        cross moment (`accumulate_cross`)."""
+        state = {"H": None, "n": 0, "M": None}
         saved: list[torch.Tensor] = []
         seen: dict = {}  # the first batch's outputs of `module` and of `block`
 
         def pre_hook(mod, args):
+            if paired is not None:
+                state["M"] = accumulate_cross(state["M"], state["n"], args[0], paired[self.batch])
             state["H"], state["n"] = accumulate_hessian(state["H"], state["n"], args[0])
             if block is None:
                 raise _Stop
@@ -122,7 +127,7 @@ class Passes:
         if block is not None:
             template = _output_template(seen.get("block"), seen.get("linear"))
             self._pending = (block, module, saved, template) if template is not None else None
-        return state["H"]
+        return state["H"] if paired is None else (state["H"], state["M"])
 
     def replay_pending(self) -> None:
         """Stand in for the block seen by the last `hessian(..., block)` call, if its output is

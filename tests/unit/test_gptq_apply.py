@@ -125,9 +125,10 @@ def test_same_seed_gives_a_byte_identical_checkpoint(tmp_path):
     assert _digest(a) == _digest(b)
 
 
-def test_an_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fp_target", [False, True])  # True: the full-precision stream is rebuilt on resume
+def test_an_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch, fp_target):
     _save_tiny(tmp_path / "src")
-    cfg = GPTQConfig(bits=4, group_size=16)
+    cfg = GPTQConfig(bits=4, group_size=16, fp_target=fp_target)
     whole = quantize_checkpoint(tmp_path / "src", cfg, _calib(), tmp_path / "whole", progress=False)
 
     real_save = gptq_resume.save_tensors
