@@ -160,20 +160,20 @@ def test_rotate_inside_quantize_gives_a_standard_checkpoint_of_the_rotated_model
                               load_quantized(plain).model.layers[0].self_attn.q_proj.qweight)
 
 
-def test_a_recipe_step_takes_rotate_and_target_bits(tmp_path):  # embed_bits: tests/unit/test_embed_bits.py
+def test_a_recipe_step_takes_rotate_target_bits_and_fp_target(tmp_path):  # embed_bits: tests/unit/test_embed_bits.py
     from conftest import tiny_with_calibration
     from llmshrink.pipeline import load_recipe, run_recipe
 
     tiny = tiny_with_calibration(tmp_path)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {tiny['base']}\nseed: 0\ncalibration: {{source: {tiny['calib']}, nsamples: 4, seqlen: 32}}\n"
-                      "steps:\n  - {method: gptq, group_size: 16, rotate: hadamard, target_bits: 6}\n"
+                      "steps:\n  - {method: gptq, group_size: 16, rotate: hadamard, target_bits: 6, fp_target: true}\n"
                       f"out: {tmp_path / 'run'}\n")
     run_recipe(load_recipe(recipe), progress=False)
     out = tmp_path / "run" / "model"
     config = json.loads((out / "config.json").read_text())
     record = config["quantization_config"]["llmshrink"]
-    assert config["llmshrink_rotate"]["config"]["kind"] == "hadamard"
+    assert config["llmshrink_rotate"]["config"]["kind"] == "hadamard" and record["config"]["fp_target"] is True
     assert record["mixed_precision"]["target_bits"] == 6 and record["mixed_precision"]["achieved_bits"] <= 6
     model = load_quantized(out)
     assert {m.bits for m in model.modules() if isinstance(m, QuantLinear)} == set(
