@@ -527,3 +527,14 @@ def test_bad_score_map_input_is_one_line_before_any_work(tiny, score_map, tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message.format(**names) in err, err
     assert not (tmp_path / "o").exists() and not (tmp_path / "m2").exists()
+
+
+def test_a_recipe_cuts_from_a_map_without_calibration(tiny, score_map, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {tiny['base']}\nsteps:\n  - {{method: factorize, scores: {score_map}, ratio: 0.7}}\n"
+                    f"out: {tmp_path / 'run'}\n")  # no calibration block: a cut reads none
+    state = run_recipe(load_recipe(path), progress=False)
+    final = tmp_path / "run" / state["final"]
+    record = json.loads((final / "config.json").read_text())["llmshrink_factorize"]
+    assert detect(final).name == "factorized" and record["scores"] == str(score_map)
+    assert record["ranks"] == cut_in_memory(tiny, FactorizeConfig(ratio=0.7, scores=str(score_map)))[1]["ranks"]
