@@ -3,9 +3,10 @@
 One scoring run (`--save-scores`: the calibration windows of the wiki corpus's calibration half,
 seed 0, as bench/quantize.py draws them), then every --ratios size cut from that map (each cut
 timed whole: load, hash check, allocation, slicing, save; no calibration); dedicated runs (the
-default, sequential) at the --dedicated ratios; plain truncated SVD of the raw weights (no
-whitening, the same share of every linear) at --plain. Every model is scored on the same held-out
-wiki windows (the corpus's first passages, GPTQ protocol) next to the dense model.
+default, sequential; with --unsequential also without, the run a cut equals) at the --dedicated
+ratios; plain truncated SVD of the raw weights (no whitening, the same share of every linear) at
+--plain. Every model is scored on the same held-out wiki windows (the corpus's first passages,
+GPTQ protocol) next to the dense model.
 
     python bench/factorize.py --nsamples 128 --eval-windows 40 --ratios 0.95,0.9,0.85,0.8,0.7,0.6 \\
         --dedicated 0.9,0.8 --plain 0.8 --plot bench/factorize_size_ppl.png --json runs/factorize.json
@@ -62,6 +63,7 @@ def plot(rows: list[dict], dense: float, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     styles = {"cut": ("o-", "cut from one score map"), "dedicated": ("s", "dedicated run (sequential)"),
+              "dedicated, not sequential": ("x", "dedicated run, --no-sequential (what a cut equals)"),
               "plain": ("^", "plain SVD of the raw weights, uniform")}
     for kind, (style, label) in styles.items():
         pts = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["kept_ratio"])
@@ -81,16 +83,19 @@ def plot(rows: list[dict], dense: float, path: Path, title: str) -> None:
 def summarize(rows: list[dict], dense: float) -> None:
     """The issue's goals, from the rows."""
     cuts = {r["ratio"]: r for r in rows if r["kind"] == "cut"}
-    for d in (r for r in rows if r["kind"] == "dedicated"):
+    for d in (r for r in rows if r["kind"].startswith("dedicated")):
         cut = cuts[d["ratio"]]
         off = 100 * (cut["ppl"] / d["ppl"] - 1)
-        print(f"ratio {d['ratio']}: cut ppl {cut['ppl']:.3f} vs dedicated {d['ppl']:.3f}: {off:+.2f}% "
+        print(f"ratio {d['ratio']}: cut ppl {cut['ppl']:.3f} vs {d['kind']} {d['ppl']:.3f}: {off:+.2f}% "
               f"({'within' if abs(off) <= 2 else 'NOT within'} 2%)")
     for p in (r for r in rows if r["kind"] == "plain"):
         plain_gap = p["ppl"] - dense
-        for other in (r for r in rows if r["kind"] in ("cut", "dedicated") and r["ratio"] == p["ratio"]):
+        if plain_gap <= 0:
+            print(f"ratio {p['ratio']}: plain SVD is no worse than dense ({p['ppl']:.3f}): no gap to compare with")
+            continue
+        for other in (r for r in rows if r["kind"] != "plain" and r["ratio"] == p["ratio"]):
             share = (other["ppl"] - dense) / plain_gap
-            print(f"ratio {p['ratio']}: {other['kind']} gap {other['ppl'] - dense:.3f} = {share:.3f}x plain SVD's "
+            print(f"ratio {p['ratio']}: {other['kind']} gap {other['ppl'] - dense:.3f} = {share:.3g}x plain SVD's "
                   f"{plain_gap:.3f} ({'meets' if share <= 0.3 else 'MISSES'} <= 0.3x)")
 
 
@@ -102,6 +107,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--ratios", default="0.95,0.9,0.85,0.8,0.7,0.6", help="sizes cut from the one score map")
     parser.add_argument("--dedicated", default="0.9,0.8", help="of those, the ratios also run on their own")
+    parser.add_argument("--unsequential", action="store_true",
+                        help="also run each --dedicated ratio with --no-sequential (the run a cut equals), which "
+                             "tells the sequential walk's share of a cut's gap")
     parser.add_argument("--plain", default="0.8", help="ratios of plain truncated SVD of the raw weights")
     parser.add_argument("--work", default=None, help="folder for the map and the checkpoints (default: a temp folder)")
     parser.add_argument("--plot", default=None, help="write the size-vs-perplexity plot here (PNG)")
@@ -144,6 +152,9 @@ def main() -> None:
     for ratio in dedicated:
         add(made("dedicated", FactorizeConfig(ratio=ratio), source, work / f"dedicated-{ratio}", calibration, ids,
                  args.seqlen))
+    for ratio in dedicated if args.unsequential else ():
+        add(made("dedicated, not sequential", FactorizeConfig(ratio=ratio, sequential=False), source,
+                 work / f"unsequential-{ratio}", calibration, ids, args.seqlen))
     for ratio in ratios(args.plain):
         add(made("plain", FactorizeConfig(ratio=ratio, whiten=False, allocate="uniform"), source,
                  work / f"plain-{ratio}", None, ids, args.seqlen))
