@@ -23,15 +23,16 @@ from .formats import LoadRequest, open_folder, tokenizer_folder
 from .hub import push_to_hub
 from .models import DTYPES, PACKAGED_MODELS, check_model_folder, resolve_model
 
-__all__ = ["AutoModelForCausalLM", "load_model", "load_tokenizer"]
+__all__ = ["AutoModelForCausalLM", "load_model", "load_tokenizer", "local_folder"]
 
 
 _NOT_LOADED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ot"]  # never read
 
 
-def _local_folder(resolved: str, revision: str | None = None, token: str | bool | None = None) -> str:
-    """A Hub id's snapshot folder at `revision` (downloaded, or from the cache when offline); folders
-    as they are."""
+def local_folder(name: str | os.PathLike | None, revision: str | None = None, token: str | bool | None = None) -> str:
+    """The local folder of a packaged name, folder or Hub id: a Hub id's snapshot at `revision`
+    (downloaded, or from the cache when offline); folders as they are."""
+    resolved = resolve_model(name)
     if Path(resolved).is_dir():
         if revision is not None:
             raise UsageError(f"revision={revision!r} is for Hub ids; '{resolved}' is a local folder: drop revision=")
@@ -72,7 +73,7 @@ class AutoModelForCausalLM:
         if trust_remote_code:
             raise UsageError("llmshrink never runs a model's remote code; load it with transformers yourself")
         dtype = None if dtype in (None, "auto") else DTYPES[dtype] if isinstance(dtype, str) else dtype
-        resolved = _local_folder(resolve_model(name), revision, token)
+        resolved = local_folder(name, revision, token)
         folder, fmt = open_folder(resolved)
         request = LoadRequest(name=str(name), dtype=dtype, base_model=None if base_model is None else str(base_model),
                               token=token, kwargs=kwargs, load=cls.from_pretrained)

@@ -10,8 +10,8 @@ from .calibration import Calibration
 from .errors import UsageError
 from .methods import compress
 
-__all__ = ["Parser", "add_config_flags", "add_method_command", "add_run_flags", "count", "field_default", "field_docs", "ints",
-           "positive_int", "tasks"]
+__all__ = ["Parser", "add_config_flags", "add_method_command", "add_run_flags", "calibration_from_args",
+           "config_from_args", "count", "field_default", "field_docs", "ints", "positive_int", "tasks"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,12 +110,27 @@ def add_run_flags(parser: argparse.ArgumentParser, nsamples: int, seqlen: int,
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
-def add_method_command(subparsers, method, command: str, help: str) -> argparse.ArgumentParser:
+def config_from_args(config_cls: type, args: argparse.Namespace):
+    """The config made from the flags `add_config_flags` added (validated)."""
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if hasattr(args, f.name)})
+
+
+def calibration_from_args(args: argparse.Namespace) -> Calibration | None:
+    """The Calibration of the flags `add_run_flags` added, or None where it added none."""
+    if not hasattr(args, "calib_file"):
+        return None
+    return Calibration(source=args.calib_file or "wiki", nsamples=args.nsamples, seqlen=args.calib_seqlen)
+
+
+def add_method_command(subparsers, method, command: str, help: str, out_required: bool = True,
+                       out_help: str = "folder to write") -> argparse.ArgumentParser:
     """A sub-command for `method` made from its config alone: --model, --out, --overwrite, one flag
-    per config field, and calibration flags when the method may calibrate; it runs `compress`."""
+    per config field, and calibration flags when the method may calibrate; it runs `compress`.
+    With `out_required` off, a command that wraps the returned parser's `func` handles a run
+    without --out (such a run reaching `compress` is refused)."""
     p = subparsers.add_parser(command, help=help, description=help)
     p.add_argument("--model", default=None, help="packaged name, local folder or Hub id (default the packaged model)")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=out_required, help=out_help)
     add_config_flags(p, method.config)
     fields = {f.name for f in dataclasses.fields(method.config)}
     add_run_flags(p, field_default(Calibration, "nsamples"), field_default(Calibration, "seqlen"),
@@ -123,12 +138,11 @@ def add_method_command(subparsers, method, command: str, help: str) -> argparse.
                   calibration=method.needs_calibration is not False)  # only a method that may read text
 
     def run(args: argparse.Namespace) -> int:
-        config = method.config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(method.config)
-                                  if hasattr(args, f.name)})
-        calibration = None if not hasattr(args, "calib_file") else Calibration(
-            source=args.calib_file or "wiki", nsamples=args.nsamples, seqlen=args.calib_seqlen)
-        out = compress(args.model, config, args.out, calibration=calibration, seed=getattr(args, "seed", 0),
-                       overwrite=args.overwrite)
+        config = config_from_args(method.config, args)
+        if args.out is None:
+            raise UsageError(f"{command} needs --out, the folder to write (see '{p.prog} --help')")
+        out = compress(args.model, config, args.out, calibration=calibration_from_args(args),
+                       seed=getattr(args, "seed", 0), overwrite=args.overwrite)
         print(f"{method.name} output written to {out}")
         return 0
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["factorize_weight", "truncate", "truncation_errors", "whitened_spectrum", "whitened_svd", "whitening"]
+__all__ = ["direction_importance", "error_curve", "factorize_weight", "truncate", "truncation_errors", "whitened_spectrum",
+           "whitened_svd", "whitening"]
 
 
 def whitening(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +70,36 @@ def whitened_spectrum(W: torch.Tensor, whitener: tuple[torch.Tensor, torch.Tenso
     return torch.linalg.svdvals(W if whitener is None else W @ whitener[0])
 
 
+def _tail_sums(values: torch.Tensor) -> torch.Tensor:
+    """[k] -> [k + 1], entry r = sum_{i >= r} values_i (entry k is 0)."""
+    tail = values.double().flip(0).cumsum(0).flip(0)
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
 def truncation_errors(sigma: torch.Tensor) -> torch.Tensor:
     """Output error of every rank: [k + 1], entry r = sum_{i >= r} sigma_i^2 (entry k is 0)."""
+    return _tail_sums(sigma.double().pow(2))
+
+
+def direction_importance(sigma: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Each singular direction's share of the output energy, and that energy.
+
+    In the whitened space sigma_i^2 is exactly the calibration output error that dropping
+    direction i adds, so the shares are the relative errors the allocator weighs.
+
+    Returns:
+        (importance [k] float64 = sigma_i^2 / sum sigma^2 (sigma_i^2 where the sum is 0), sum sigma^2).
+    """
     sq = sigma.double().pow(2)
-    tail = sq.flip(0).cumsum(0).flip(0)
-    return torch.cat([tail, tail.new_zeros(1)])
+    energy = float(sq.sum())
+    return (sq / energy if energy > 0 else sq), energy
+
+
+def error_curve(importance: torch.Tensor, energy: float, relative: bool = True) -> torch.Tensor:
+    """Output error of every rank from `direction_importance`: [k + 1], entry r the summed
+    importance of the directions r.. dropped (relative to the output's energy, or times it)."""
+    tail = _tail_sums(importance)
+    return tail if relative else tail * energy
 
 
 def truncate(P: torch.Tensor, sigma: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,6 +69,8 @@ CASES = [
     ("rotate --model {tiny} --out r --kind bogus", "kind='bogus' is not known; use one of hadamard, random"),
     ("rotate --model {pickle} --out r", "holds only pickle weights"),
     ("factorize --model {tiny} --out f --ratio 0", "ratio=0.0 is outside (0, 1]"),
+    ("factorize --model {tiny} --out f --scores {textdir}", "is not a score map (it has no scores.json)"),
+    ("factorize --model {tiny} --save-scores {full}", "exists and is not empty; choose another --save-scores"),
     ("width_prune --model {tiny} --out w --ratio 1.5", "ratio=1.5 is outside (0, 1]"),
     ("lm-eval --model hf --model_args pretrained={pickle} --tasks piqa", "holds only pickle weights"),
 ]

@@ -1,6 +1,7 @@
 """Low-rank factorization: the whitening math on planted inputs, the rank allocation as a pure
 function, and tiny Llama folders factorized -> saved -> loaded in a fresh process (llmshrink and
-plain transformers), merged, run from the CLI and from a recipe."""
+plain transformers), merged, run from the CLI and from a recipe; a score map written once and
+cut at many ratios, each cut equal to a dedicated run without `sequential`."""
 
 from __future__ import annotations
 
@@ -18,14 +19,15 @@ from llmshrink.auto import load_model
 from llmshrink.cli import main as cli_main
 from llmshrink.errors import UsageError
 from llmshrink.evals.data import corpus_documents
-from llmshrink.factorize import (FactorizeConfig, FactorizedLinear, allocate_ranks, factorize, factorize_weight,
-                                 save_factorized, truncation_errors, uniform_ranks, whitened_spectrum, whitened_svd,
-                                 whitening)
+from llmshrink.factorize import (FactorizeConfig, FactorizedLinear, allocate_ranks, direction_importance, error_curve,
+                                 factorize, factorize_weight, save_factorized, save_score_map, truncation_errors,
+                                 uniform_ranks, whitened_spectrum, whitened_svd, whitening)
 from llmshrink.factorize.allocate import allocation_cost, max_saving_rank
 from llmshrink.formats import detect
 from llmshrink.pipeline import load_recipe, run_recipe
+from llmshrink.safetensors_io import tensors_sha256
 
-from conftest import tiny_with_calibration
+from conftest import save_tiny, tiny_with_calibration
 
 IDS = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(7))
 
@@ -325,3 +327,214 @@ def test_a_recipe_step_factorizes_and_later_steps_need_a_merged_model(tiny, tmp_
     loaded = llmshrink.AutoModelForCausalLM.from_pretrained(final)
     ranks = json.loads((final / "config.json").read_text())["llmshrink_factorize"]["ranks"]
     assert ranks and all(isinstance(loaded.get_submodule(n), FactorizedLinear) for n in ranks)
+
+
+# ----------------------------------------------------------------------------- any size from one score map
+
+
+def test_direction_importance_is_the_relative_error_curve():
+    sigma = torch.tensor([4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    importance, energy = direction_importance(sigma)
+    assert energy == pytest.approx(21.25) and float(importance.sum()) == pytest.approx(1.0)
+    torch.testing.assert_close(error_curve(importance, energy), truncation_errors(sigma) / energy)
+    torch.testing.assert_close(error_curve(importance, energy, relative=False), truncation_errors(sigma))
+    zero, energy = direction_importance(torch.zeros(3, dtype=torch.float64))
+    assert energy == 0 and not error_curve(zero, energy).any()
+
+
+@pytest.fixture(scope="module")
+def score_map(tiny):
+    model, tokenizer, _ = load_model(tiny["base"])
+    return save_score_map(model, FactorizeConfig(), tiny["root"] / "map", calibration=tiny["calib"],
+                          tokenizer=tokenizer, nsamples=4, seqlen=32, progress=False)
+
+
+def cut_in_memory(tiny, config: FactorizeConfig):
+    model, _, _ = load_model(tiny["base"])
+    return model, factorize(model, config, progress=False)
+
+
+def test_the_map_holds_the_factors_up_to_break_even_and_every_direction(tiny, score_map):
+    meta = json.loads((score_map / "scores.json").read_text())
+    assert meta["format"] == "llmshrink-factorize-scores" and meta["version"] == 1 and meta["whiten"]
+    assert meta["source"]["sha256"] == tensors_sha256(tiny["base"]) and meta["calibration"]["nsamples"] == 4
+    assert len(meta["linears"]) == 3 * 7 and sorted(p.name for p in score_map.iterdir()) == [
+        "scores-00000.safetensors", "scores-00001.safetensors", "scores-00002.safetensors", "scores.json"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(score_map / "scores-00001.safetensors"))
+    for name, entry in meta["linears"].items():
+        if ".layers.1." not in name:
+            continue
+        (out, inp), k = entry["shape"], entry["max_rank"]
+        assert k == max_saving_rank((out, inp)) and k * (out + inp) < out * inp <= (k + 1) * (out + inp)
+        assert tensors[f"{name}.U"].shape == (out, k) and tensors[f"{name}.V"].shape == (k, inp)
+        assert tensors[f"{name}.U"].dtype == torch.float32
+        importance = tensors[f"{name}.importance"]
+        assert importance.shape == (min(out, inp),) and float(importance.sum()) == pytest.approx(1.0)
+        assert (importance[:-1] >= importance[1:]).all()  # descending, as the singular values
+
+
+def test_a_cut_equals_a_run_without_sequential_at_the_same_ratio(tiny, score_map):
+    for ratio in (0.8, 0.5):
+        dedicated, _, expected = factorized_in_memory(tiny, FactorizeConfig(ratio=ratio, sequential=False))
+        cut, record = cut_in_memory(tiny, FactorizeConfig(ratio=ratio, scores=str(score_map)))
+        assert record["ranks"] == expected["ranks"] and record["dense"] == expected["dense"]
+        assert record["parameters"] == expected["parameters"] and record["scores"] == str(score_map)
+        assert record["relative_error"] == pytest.approx(expected["relative_error"], abs=2e-6)
+        for name in expected["ranks"]:
+            for factor in ("U", "V"):
+                torch.testing.assert_close(getattr(cut.get_submodule(name), factor).weight,
+                                           getattr(dedicated.get_submodule(name), factor).weight, rtol=0, atol=0)
+        torch.testing.assert_close(logits(cut), logits(dedicated), rtol=0, atol=0)
+
+
+def test_the_cut_factors_are_the_whitened_svd_of_the_measured_inputs(tiny, score_map):
+    """Against the math directly: the second moment of layer 0's q_proj inputs (the original
+    model's, which every cut uses), its whitened SVD, truncated at the cut's rank."""
+    from llmshrink.calibration import resolve_calibration
+
+    model, tokenizer, _ = load_model(tiny["base"])
+    calib, _ = resolve_calibration(tokenizer, tiny["calib"], 4, 32, 0)
+    captured = []
+    layer0 = model.model.layers[0].self_attn.q_proj
+    handle = layer0.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+    with torch.no_grad():
+        model(calib)
+    handle.remove()
+    X = torch.cat([x.reshape(-1, x.shape[-1]) for x in captured]).double()
+    cut, record = cut_in_memory(tiny, FactorizeConfig(ratio=0.5, scores=str(score_map)))
+    name = "model.layers.0.self_attn.q_proj"
+    U, V = factorize_weight(layer0.weight, X.T @ X, record["ranks"][name], damp=0.01)
+    torch.testing.assert_close(cut.get_submodule(name).U.weight @ cut.get_submodule(name).V.weight,
+                               (U @ V).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_many_ratios_from_one_map_are_monotone_and_meet_each_ratio_without_calibration(tiny, score_map, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("calibration was read")
+
+    monkeypatch.setattr("llmshrink.factorize.apply.resolve_calibration", no_work)
+    sizes = []
+    for ratio in (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4):
+        _, record = cut_in_memory(tiny, FactorizeConfig(ratio=ratio, scores=str(score_map)))
+        kept, dense = record["parameters"]["kept"], record["parameters"]["dense"]
+        assert ratio * dense - 2 * (128 + 64) < kept <= ratio * dense, (ratio, kept, dense)
+        sizes.append(kept)
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    _, uniform = cut_in_memory(tiny, FactorizeConfig(ratio=0.6, allocate="uniform", scores=str(score_map)))
+    assert uniform["parameters"]["kept"] <= 0.6 * uniform["parameters"]["dense"] and uniform["ranks"]
+
+
+def test_a_cut_folder_loads_in_a_fresh_process_and_merges(tiny, score_map, tmp_path):
+    config = FactorizeConfig(ratio=0.6, scores=str(score_map))
+    cut, record = cut_in_memory(tiny, config)
+    out = llmshrink.compress(tiny["base"], config, tmp_path / "cut", progress=False)
+    assert detect(out).name == "factorized"
+    assert json.loads((out / "config.json").read_text())["llmshrink_factorize"]["ranks"] == record["ranks"]
+    torch.testing.assert_close(fresh_logits(out, "llmshrink", tmp_path), logits(cut))
+    merged = llmshrink.compress(tiny["base"], FactorizeConfig(ratio=0.6, scores=str(score_map), merge=True),
+                                tmp_path / "merged", progress=False)
+    assert detect(merged).name == "dense"
+    torch.testing.assert_close(fresh_logits(merged, "transformers", tmp_path), logits(cut), rtol=1e-4, atol=1e-4)
+
+
+def test_save_scores_with_an_output_writes_the_map_and_the_cut_from_it(tiny, score_map, tmp_path):
+    out = llmshrink.compress(tiny["base"], FactorizeConfig(ratio=0.7, save_scores=str(tmp_path / "m")),
+                             tmp_path / "out", calibration=tiny["calibration"], progress=False)
+    from safetensors.torch import load_file
+
+    for name in ("scores-00002.safetensors",):
+        fresh, first = load_file(str(tmp_path / "m" / name)), load_file(str(score_map / name))
+        assert fresh.keys() == first.keys() and all(torch.equal(fresh[k], first[k]) for k in fresh)
+    record = json.loads((out / "config.json").read_text())["llmshrink_factorize"]
+    assert record["scores"] == str(tmp_path / "m") and record["config"]["scores"] == str(tmp_path / "m")
+    assert record["ranks"] == cut_in_memory(tiny, FactorizeConfig(ratio=0.7, scores=str(score_map)))[1]["ranks"]
+
+
+def test_a_map_of_another_model_is_refused_by_hash_before_the_model_loads(tiny, score_map, tmp_path, monkeypatch):
+    other = save_tiny(tmp_path / "other", layers=3, seed=6)  # same shapes, other weights
+    model, _, _ = load_model(other)
+    with pytest.raises(UsageError, match=r"was made from .*base \(tensors sha256 [0-9a-f]{16}\.\.\.\), not from "
+                                         r".*other \(sha256 [0-9a-f]{16}\.\.\.\); cut it with that model, or score "
+                                         r"this one with save_scores"):
+        factorize(model, FactorizeConfig(ratio=0.6, scores=str(score_map)))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("llmshrink.factorize.method.load_model", no_work)
+    with pytest.raises(UsageError, match=r"was made from .*base .*not from .*other"):
+        llmshrink.compress(other, FactorizeConfig(ratio=0.6, scores=str(score_map)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_cli_scores_once_then_cuts(tiny, tmp_path, capsys):
+    maps = tmp_path / "map"
+    assert cli_main(["factorize", "--model", tiny["base"], "--save-scores", str(maps), "--calib-file", tiny["calib"],
+                     "--nsamples", "4", "--calib-seqlen", "32"]) == 0
+    assert f"factorize score map written to {maps}" in capsys.readouterr().out
+    assert (maps / "scores.json").is_file() and not (tmp_path / "out").exists()
+    for ratio in ("0.9", "0.6"):
+        out = tmp_path / f"cut-{ratio}"
+        assert cli_main(["factorize", "--model", tiny["base"], "--scores", str(maps), "--ratio", ratio,
+                         "--out", str(out)]) == 0
+        assert "factorize output written to" in capsys.readouterr().out
+        record = json.loads((out / "config.json").read_text())["llmshrink_factorize"]
+        assert record["scores"] == str(maps) and record["parameters"]["ratio"] <= float(ratio)
+
+
+@pytest.mark.parametrize("args, message", [
+    ("--scores {map} --ratio 0 --out o", r"ratio=0.0 is outside (0, 1]"),
+    ("--scores {map} --ratio 1.5 --out o", r"ratio=1.5 is outside (0, 1]"),
+    ("--scores {map} --ratio 0.01 --out o", "ratio=0.01 is below what rank 1 everywhere holds"),
+    ("--scores {root}/nowhere --out o", "score map {root}/nowhere does not exist; write one with `llmshrink "
+                                        "factorize --model MODEL --save-scores {root}/nowhere`"),
+    ("--scores {root} --out o", "is not a score map (it has no scores.json)"),
+    ("--scores {v2} --out o", "has format version 2; this llmshrink reads version 1: upgrade llmshrink"),
+    ("--scores {v0} --out o", "has format version 0; this llmshrink reads version 1: score the model again"),
+    ("--scores {map} --save-scores m2 --out o", "cuts from a map and save_scores='m2' measures one"),
+    ("--scores {map} --no-whiten --out o", "was measured with whiten=True, and a cut takes the map's; "
+                                           "whiten=False contradicts it"),
+    ("--scores {map} --damp 0.1 --out o", "was measured with damp=0.01"),
+    ("--scores {mlp} --out o", "holds no scores for model.layers.0.self_attn.q_proj (it was measured with "
+                               "targets='mlp'); give targets='mlp'"),
+    ("--scores {map} --calib-file {calib} --out o", "reads no calibration text; drop --calib-file"),
+    ("--ratio 0.5", "factorize needs --out, the folder to write"),
+    ("--save-scores {map}", "exists and is not empty; choose another --save-scores or pass --overwrite"),
+])
+def test_bad_score_map_input_is_one_line_before_any_work(tiny, score_map, tmp_path, monkeypatch, capsys, args,
+                                                          message):
+    import shutil
+
+    for name, version in (("v2", 2), ("v0", 0)):
+        shutil.copytree(score_map, tmp_path / name)
+        meta = json.loads((tmp_path / name / "scores.json").read_text())
+        (tmp_path / name / "scores.json").write_text(json.dumps({**meta, "version": version}))
+    shutil.copytree(score_map, tmp_path / "mlp")
+    meta = json.loads((tmp_path / "mlp" / "scores.json").read_text())
+    meta.update(targets="mlp", linears={n: e for n, e in meta["linears"].items() if ".mlp." in n})
+    (tmp_path / "mlp" / "scores.json").write_text(json.dumps(meta))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("llmshrink.factorize.method.load_model", no_work)
+    monkeypatch.chdir(tmp_path)
+    names = {"map": score_map, "root": tmp_path, "v2": tmp_path / "v2", "v0": tmp_path / "v0",
+             "mlp": tmp_path / "mlp", "calib": tiny["calib"]}
+    assert cli_main(["factorize", "--model", tiny["base"], *args.format(**names).split()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message.format(**names) in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "m2").exists()
+
+
+def test_a_recipe_cuts_from_a_map_without_calibration(tiny, score_map, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {tiny['base']}\nsteps:\n  - {{method: factorize, scores: {score_map}, ratio: 0.7}}\n"
+                    f"out: {tmp_path / 'run'}\n")  # no calibration block: a cut reads none
+    state = run_recipe(load_recipe(path), progress=False)
+    final = tmp_path / "run" / state["final"]
+    record = json.loads((final / "config.json").read_text())["llmshrink_factorize"]
+    assert detect(final).name == "factorized" and record["scores"] == str(score_map)
+    assert record["ranks"] == cut_in_memory(tiny, FactorizeConfig(ratio=0.7, scores=str(score_map)))[1]["ranks"]
