@@ -16,17 +16,13 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Callable
-
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import arch_for, decoder_layers, layer_linears
 from ..calibration import check_seqlen, resolve_calibration
 from ..errors import UsageError
-from ..gptq.algorithm import accumulate_hessian
-from ..gptq.passes import Passes, capture_first_inputs
+from ..gptq.passes import walk_layers
 from .allocate import allocate_ranks, allocation_cost, check_budget, dense_cost, uniform_ranks
 from .config import FactorizeConfig
 from .modules import FactorizedLinear, set_module
@@ -53,43 +49,6 @@ def chosen_linears(model: nn.Module, config: FactorizeConfig) -> list[list[list[
         raise UsageError(f"targets='{config.targets}' finds none of the decoder linears (such as "
                          f"{spec.layers}.0.{spec.sequential[0][0]}); use a pattern that does, or '' for all")
     return chosen
-
-
-OnLayer = Callable[[int, list[list[tuple[str, nn.Linear]]], dict[str, torch.Tensor | None]], None]
-
-
-@torch.no_grad()
-def _walk(model: nn.Module, calib: torch.Tensor | None, chosen, on_layer: OnLayer, sequential: bool,
-          progress: bool, desc: str) -> None:
-    """Call on_layer(i, steps, H by name) for every layer with chosen linears, H the second moment
-    of each linear's inputs (None without calibration), and pass the layer's outputs on (after
-    on_layer with `sequential`, else before)."""
-    layers = decoder_layers(model)
-    last = max(i for i, steps in enumerate(chosen) if steps)
-    if calib is None:
-        for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress):
-            on_layer(i, chosen[i], {name: None for step in chosen[i] for name, _ in step})
-        return
-    dtype = next(model.parameters()).dtype
-    inputs = capture_first_inputs(model, layers, calib, dtype)
-    for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress):
-        moments: list[dict] = [{"H": None, "n": 0} for _ in chosen[i]]
-
-        def hook(state):
-            def fn(module, args):
-                state["H"], state["n"] = accumulate_hessian(state["H"], state["n"], args[0])
-            return fn
-
-        handles = [step[0][1].register_forward_pre_hook(hook(state)) for step, state in zip(chosen[i], moments)]
-        try:
-            outputs = Passes(layers[i], inputs).outputs()
-        finally:
-            for h in handles:
-                h.remove()
-        on_layer(i, chosen[i], {name: state["H"] for step, state in zip(chosen[i], moments) for name, _ in step})
-        if sequential and i < last:
-            outputs = Passes(layers[i], inputs).outputs()
-        inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
 
 
 def _svds(steps, moments: dict, damp: float, values_only: bool = False):
@@ -134,7 +93,7 @@ def factorize(model: nn.Module, config: FactorizeConfig, calibration: str | torc
                 err = truncation_errors(sigma)
                 errors[name] = err / err[0] if config.relative and err[0] > 0 else err
 
-        _walk(model, calib, chosen, measure, sequential=False, progress=progress, desc="factorize: spectra")
+        walk_layers(model, calib, chosen, measure, sequential=False, progress=progress, desc="factorize: spectra")
         ranks = allocate_ranks(errors, shapes, config.ratio)
     relative: dict[str, float] = {}
 
@@ -148,7 +107,7 @@ def factorize(model: nn.Module, config: FactorizeConfig, calibration: str | torc
             relative[name] = round(float(truncation_errors(sigma)[ranks[name]]) / total, 6) if total > 0 else 0.0
             set_module(model, name, factored.merged() if config.merge else factored)
 
-    _walk(model, calib, chosen, replace, sequential=config.sequential, progress=progress, desc="factorize")
+    walk_layers(model, calib, chosen, replace, sequential=config.sequential, progress=progress, desc="factorize")
     kept = allocation_cost(ranks, shapes)
     total = sum(dense_cost(s) for s in shapes.values())
     record = {"config": config.to_dict(), "merged": config.merge,
