@@ -28,11 +28,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .arch import checkpoint_names
 from .errors import UsageError
+from .formats import Format, LoadRequest, register_format
 from .io import atomic_dir
 from .safetensors_io import TensorIndex
 
 __all__ = ["Install", "SwappedHfQuantizer", "SwappedQuantizationConfig", "folder_quant_method", "load_swapped",
-           "register_swapped", "save_swapped", "set_module", "swap_linear"]
+           "register_swapped", "register_swapped_format", "save_swapped", "set_module", "swap_linear"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,23 @@ def load_swapped(folder: str | os.PathLike, install: Install, dtype: torch.dtype
         if buf.device.type == "meta":
             raise UsageError(f"{name} of {folder} could not be materialised")
     return model.eval()
+
+
+def register_swapped_format(name: str, quant_method: str, install: Install, refusal: str) -> Format:
+    """Register the format `name` of the folders whose config.json names `quant_method`, loaded
+    by `load_swapped` with `install` (float32 unless a dtype is asked for) and described by its
+    name; `refusal` is what a pipeline step that cannot follow it is told (see `Format`)."""
+
+    def load(folder: Path, request: LoadRequest):
+        if request.base_model is not None:
+            raise UsageError(f"base_model= is for delta and adapter folders; {request.name} is neither")
+        if request.kwargs:
+            raise UsageError(f"options {', '.join(request.kwargs)} are not supported for {name} checkpoints")
+        return load_swapped(folder, install, request.dtype or torch.float32, name)
+
+    return register_format(Format(
+        name=name, priority=40, detect=lambda folder: folder_quant_method(folder) == quant_method, load=load,
+        describe=lambda folder: ("transformers", [name]), refusal=refusal))
 
 
 class SwappedQuantizationConfig(QuantizationConfigMixin):

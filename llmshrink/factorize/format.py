@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UsageError
-from ..formats import Format, LoadRequest, register_format
-from ..swap import folder_quant_method, load_swapped, save_swapped
+from ..swap import folder_quant_method, load_swapped, register_swapped_format, save_swapped
 from .apply import RECORD
 from .modules import install_factorized
 
@@ -58,16 +56,7 @@ def load_factorized(folder: str | os.PathLike, dtype: torch.dtype = torch.float3
     return load_swapped(folder, install_from_shapes, dtype, "factorized")
 
 
-def _load(folder: Path, request: LoadRequest):
-    if request.base_model is not None:
-        raise UsageError(f"base_model= is for delta and adapter folders; {request.name} is neither")
-    if request.kwargs:
-        raise UsageError(f"options {', '.join(request.kwargs)} are not supported for factorized checkpoints")
-    return load_factorized(folder, dtype=request.dtype or torch.float32)
-
-
-FACTORIZED_FORMAT = register_format(Format(
-    name="factorized", priority=40, detect=is_factorized_folder, load=_load,
-    describe=lambda folder: ("transformers", ["factorized"]),  # + the method's "low-rank" tag
+FACTORIZED_FORMAT = register_swapped_format(  # described as "factorized", + the method's "low-rank" tag
+    "factorized", QUANT_METHOD, install_from_shapes,
     refusal="{name} cannot follow {before}: its linears are stored as low-rank factors; set merge: true on "
-            "{before} so later steps get a dense model"))
+            "{before} so later steps get a dense model")
