@@ -70,6 +70,9 @@ CASES = [
     ("rotate --model {pickle} --out r", "holds only pickle weights"),
     ("factorize --model {tiny} --out f --ratio 0", "ratio=0.0 is outside (0, 1]"),
     ("width_prune --model {tiny} --out w --ratio 1.5", "ratio=1.5 is outside (0, 1]"),
+    ("share --model {tiny} --out s --bits 9", "bits=9 is outside 2-8; a codebook holds 2^bits shared values"),
+    ("share --model {tiny} --out s --per col", "per='col' is not known; use row"),
+    ("share --model {tiny} --out " + READ_ONLY, "is not writable"),
     ("lm-eval --model hf --model_args pretrained={pickle} --tasks piqa", "holds only pickle weights"),
 ]
 
