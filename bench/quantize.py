@@ -96,6 +96,16 @@ def linear_bits(folder: Path) -> float:
     return stored / weights
 
 
+def held_out_ids(tokenizer, windows: int, seqlen: int) -> torch.Tensor:
+    """[windows * seqlen] token ids of held-out text: the first wiki passages (calibration draws
+    from the second half only)."""
+    eval_docs = 400
+    assert eval_docs <= len(corpus_documents("wiki")) // 2
+    ids = torch.tensor(tokenizer(load_corpus("wiki", eval_docs)).input_ids)[: windows * seqlen]
+    assert len(ids) == windows * seqlen, "not enough held-out text for --eval-windows"
+    return ids
+
+
 def ppl_of(folder: str, ids: torch.Tensor, seqlen: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.inference_mode():
@@ -225,11 +235,7 @@ def main() -> None:
     calib = calibration_windows(tokenizer, "wiki", args.nsamples, args.seqlen, seed=0)
     calib_file = work / "calib.json"
     calib_file.write_text(json.dumps(calib.tolist()))
-    # Held-out text: the first wiki passages (calibration draws from the second half only).
-    eval_docs = 400
-    assert eval_docs <= len(corpus_documents("wiki")) // 2
-    ids = torch.tensor(tokenizer(load_corpus("wiki", eval_docs)).input_ids)[: args.eval_windows * args.seqlen]
-    assert len(ids) == args.eval_windows * args.seqlen, "not enough held-out text for --eval-windows"
+    ids = held_out_ids(tokenizer, args.eval_windows, args.seqlen)
     base = ppl_of(source, ids, args.seqlen)
     args.other_ids, base_other = None, None
     if args.other_text:

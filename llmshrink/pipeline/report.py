@@ -113,7 +113,8 @@ def _mb(size: int | None) -> str:
 def _markdown(recipe: Recipe, state: dict) -> str:
     lines = [f"# llmshrink run: {recipe.model} -> {state['final']}", "", "## Plan", "", "```",
              *plan_lines(recipe), "```", "", "## Steps", "", "| step | method | seconds | weights (MB) | output |",
-             "|---|---|---|---|---|", f"| 0 | original | - | {_mb(state.get('original_weight_bytes'))} | {recipe.model} |"]
+             "|---|---|---|---|---|",
+             f"| 0 | original | - | {_mb(state.get('original_weight_bytes'))} | {recipe.model} |"]
     lines += [f"| {i + 1} | {s['method']} | {s['seconds']:.0f} | {_mb(s.get('weight_bytes'))} | {s['folder']} "
               f"({s['kind']}) |" for i, s in enumerate(state["steps"])]
     evals = state.get("evals", {})

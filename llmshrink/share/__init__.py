@@ -10,7 +10,8 @@ from .kmeans import share_weight, weighted_error, weighted_kmeans
 from .layout import dequantize_shared, pack_codes, unpack_codes
 from .modules import SharedLinear
 
-__all__ = ["ShareConfig", "SharedLinear", "dequantize_shared", "load_shared", "pack_codes", "register_with_transformers",
-           "save_shared", "share", "share_weight", "unpack_codes", "weighted_error", "weighted_kmeans"]
+__all__ = ["ShareConfig", "SharedLinear", "dequantize_shared", "load_shared", "pack_codes",
+           "register_with_transformers", "save_shared", "share", "share_weight", "unpack_codes", "weighted_error",
+           "weighted_kmeans"]
 
 register_with_transformers()  # plain transformers loads shared folders once this package is imported
