@@ -7,12 +7,12 @@ it is plain k-means (Deep Compression's weight sharing).
 
 - Init: the centroids sit at the weighted quantiles (i + 1/2) / k of the row, so they start
   where the weight mass is (each cluster holds about the same weighted share).
-- Lloyd iterations: in 1-D the nearest centroid is found by a binary search among the midpoints
-  of the sorted centroids (no [n, k] distance table); centroids are the weighted means of their
+- Lloyd iterations: in 1-D an element's nearest centroid is the number of midpoints of the
+  sorted centroids below it (no [n, k] distance table); centroids are the weighted means of their
   members. Empty clusters are moved onto the row's elements of largest weighted error. Weighted
   rows also run plain k-means, and where its solution has the lower weighted error, weighted
-  Lloyd iterations continue from it instead (they never raise the error), so weighting never
-  does worse than not weighting.
+  Lloyd iterations continue from it instead (they never raise the error), so no row's weighted
+  error ends above plain k-means'.
 - Pruned zeros (Deep Compression prunes before it shares): in a row holding exact zeros one
   centroid is fixed at 0 and every zero keeps it, so the sparsity survives; the other k - 1
   centroids cluster the rest (a nonzero may still round to 0 where that is nearest).

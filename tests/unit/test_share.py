@@ -22,6 +22,7 @@ from llmshrink.formats import detect
 from llmshrink.gptq.algorithm import rtn_quantize
 from llmshrink.hub import model_card
 from llmshrink.pipeline import load_recipe, run_recipe
+from llmshrink.pipeline.report import print_summary
 from llmshrink.share import (SharedLinear, dequantize_shared, pack_codes, save_shared, share, share_weight,
                              unpack_codes, weighted_error, weighted_kmeans)
 from llmshrink.share.kmeans import reconstruct
@@ -209,7 +210,7 @@ def test_the_cli_shares_and_refuses_bad_values_before_any_work(tiny, tmp_path, c
     assert not (tmp_path / "bad").exists()
 
 
-def test_the_deep_compression_recipe_prunes_shares_and_packs_with_each_stage_sized(tiny, tmp_path):
+def test_the_deep_compression_recipe_prunes_shares_and_packs_with_each_stage_sized(tiny, tmp_path, capsys):
     sets = [f"model={tiny['base']}", f"out={tmp_path / 'run'}", f"calibration.source={tiny['calib']}",
             "calibration.nsamples=4", "calibration.seqlen=32", "evaluate=null"]
     state = run_recipe(load_recipe(RECIPE, overrides=sets), progress=False)
@@ -221,6 +222,8 @@ def test_the_deep_compression_recipe_prunes_shares_and_packs_with_each_stage_siz
     assert sizes[1] == pytest.approx(sizes[0], rel=0.01) and sizes[3] < sizes[2] < sizes[1] / 3, sizes
     report = (run / "report.md").read_text()
     assert "| step | method | seconds | weights (MB) | output |" in report and f"| {sizes[3] / 2**20:.2f} |" in report
+    print_summary(state)  # what `llmshrink run` prints after the run
+    assert capsys.readouterr().out.startswith(f"weights on disk: original {sizes[0] / 2**20:.2f} MB -> 1. weight_prune ")
     pruned = llmshrink.AutoModelForCausalLM.from_pretrained(run / "steps" / "01-weight_prune")
     final = llmshrink.AutoModelForCausalLM.from_pretrained(run / "model")
     torch.testing.assert_close(logits(final), logits(llmshrink.AutoModelForCausalLM.from_pretrained(
