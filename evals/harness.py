@@ -25,6 +25,7 @@ from ..errors import UsageError
 from ..formats import weight_bytes
 from ..gptq.linear import QuantLinear
 from ..models import DTYPES, resolve_model
+from ..share.modules import SharedLinear
 from .data import corpus_documents, load_docs, load_text_docs, load_text_file
 from .loglikelihood import loglikelihoods, model_max_length
 from .perplexity import BOS_CHOICES, PROTOCOLS, Encoded, check_windows, encode, score
@@ -137,9 +138,9 @@ def model_stats(model, resolved: str) -> dict:
     if not folder.is_dir():
         folder = Path(snapshot_download(resolved, local_files_only=True))
     size = weights_size(folder)
-    # Quantized linears hold buffers, not parameters: count the weights they stand for.
+    # Quantized and shared linears hold buffers, not parameters: count the weights they stand for.
     params = model.num_parameters() + sum(m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
-                                          for m in model.modules() if isinstance(m, QuantLinear))
+                                          for m in model.modules() if isinstance(m, (QuantLinear, SharedLinear)))
     return {"size_mb": size / 2**20, "params_m": params / 1e6, "bits_per_param": 8 * size / params}
 
 

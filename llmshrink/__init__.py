@@ -14,16 +14,18 @@ from .methods import compress
 from .models import DEFAULT_MODEL, resolve_model
 from .pack import PackConfig
 from .prune import LayerPruneConfig, WeightPruneConfig, prune
+from .share import ShareConfig  # also registers shared folders with transformers
 from .width_prune import WidthPruneConfig
 
 __version__ = "0.1.0"
 
 # Plain transformers.AutoModelForCausalLM loads GPTQ checkpoints through llmshrink from here on
 # (unless transformers' own GPTQ path can run; see llmshrink/gptq/hf.py), and delta folders
-# (model_type llmshrink_delta; see llmshrink/delta/hf.py), and factorized folders (llmshrink/factorize/hf.py).
+# (model_type llmshrink_delta; see llmshrink/delta/hf.py), and factorized and shared folders
+# (llmshrink/factorize/hf.py, llmshrink/share/hf.py).
 _register_with_transformers()
 _register_delta_with_transformers()
 
 __all__ = ["AutoModelForCausalLM", "DEFAULT_MODEL", "DeltaConfig", "DeltaModel", "FactorizeConfig", "GPTQConfig", "HealConfig",
-           "LayerPruneConfig", "PackConfig", "RTNConfig", "UsageError", "WeightPruneConfig", "WidthPruneConfig", "compress", "compress_delta",
+           "LayerPruneConfig", "PackConfig", "RTNConfig", "ShareConfig", "UsageError", "WeightPruneConfig", "WidthPruneConfig", "compress", "compress_delta",
            "load_model", "load_tokenizer", "prune", "push_to_hub", "quantize", "resolve_model", "__version__"]

@@ -123,3 +123,40 @@ def tiny_with_calibration(root: Path) -> dict:
     text.write_text("\n\n".join(corpus_documents("wiki")[-40:]))
     return {"root": root, "base": str(base), "calib": str(text),
             "calibration": Calibration(source=str(text), nsamples=4, seqlen=32)}
+
+
+# ----------------------------------------------------------------------------- logits from a fresh process
+
+FRESH_LOGITS = """
+import importlib, json, sys, torch
+from safetensors.torch import save_file
+folder, ids, result, how = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3], sys.argv[4]
+if how == "llmshrink":
+    import llmshrink
+    model = llmshrink.AutoModelForCausalLM.from_pretrained(folder)
+else:  # "transformers+MODULE": plain transformers after `import MODULE`; "transformers": alone
+    module = how.partition("+")[2]
+    if module:
+        importlib.import_module(module)
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert module or "llmshrink" not in sys.modules
+with torch.no_grad():
+    save_file({"logits": model(ids).logits.contiguous()}, result)
+"""
+
+
+def fresh_logits(folder, ids, how: str, tmp_path, check: bool = True):
+    """Logits of `ids` from `folder` loaded in a new python process, `how` one of "llmshrink",
+    "transformers+MODULE" (plain transformers after importing MODULE) or "transformers" (alone).
+    With check=False: the finished process (its stderr captured) in place of logits."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    result = tmp_path / f"logits-{how}.safetensors"
+    done = subprocess.run([sys.executable, "-c", FRESH_LOGITS, str(folder), json.dumps(ids.tolist()), str(result), how],
+                          check=check, timeout=300, capture_output=not check, text=True)
+    return load_file(str(result))["logits"] if check else done

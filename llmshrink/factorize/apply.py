@@ -27,13 +27,11 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import arch_for, decoder_layers, layer_linears
 from ..calibration import check_seqlen, resolve_calibration
 from ..errors import UsageError
-from ..gptq.algorithm import accumulate_hessian
-from ..gptq.passes import Passes, capture_first_inputs
+from ..gptq.passes import walk_layers
 from ..io import atomic_dir, prepare_out
 from .allocate import allocate_ranks, allocation_cost, check_budget, dense_cost, uniform_ranks
 from .config import FactorizeConfig
@@ -67,43 +65,6 @@ def chosen_linears(model: nn.Module, config: FactorizeConfig) -> list[list[list[
 def linear_shapes(chosen) -> dict[str, tuple[int, int]]:
     """name -> (out, in) of the chosen linears."""
     return {name: (m.out_features, m.in_features) for steps in chosen for step in steps for name, m in step}
-
-
-OnLayer = Callable[[int, list[list[tuple[str, nn.Linear]]], dict[str, torch.Tensor | None]], None]
-
-
-@torch.no_grad()
-def _walk(model: nn.Module, calib: torch.Tensor | None, chosen, on_layer: OnLayer, sequential: bool,
-          progress: bool, desc: str) -> None:
-    """Call on_layer(i, steps, H by name) for every layer with chosen linears, H the second moment
-    of each linear's inputs (None without calibration), and pass the layer's outputs on (after
-    on_layer with `sequential`, else before)."""
-    layers = decoder_layers(model)
-    last = max(i for i, steps in enumerate(chosen) if steps)
-    if calib is None:
-        for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress):
-            on_layer(i, chosen[i], {name: None for step in chosen[i] for name, _ in step})
-        return
-    dtype = next(model.parameters()).dtype
-    inputs = capture_first_inputs(model, layers, calib, dtype)
-    for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress):
-        moments: list[dict] = [{"H": None, "n": 0} for _ in chosen[i]]
-
-        def hook(state):
-            def fn(module, args):
-                state["H"], state["n"] = accumulate_hessian(state["H"], state["n"], args[0])
-            return fn
-
-        handles = [step[0][1].register_forward_pre_hook(hook(state)) for step, state in zip(chosen[i], moments)]
-        try:
-            outputs = Passes(layers[i], inputs).outputs()
-        finally:
-            for h in handles:
-                h.remove()
-        on_layer(i, chosen[i], {name: state["H"] for step, state in zip(chosen[i], moments) for name, _ in step})
-        if sequential and i < last:
-            outputs = Passes(layers[i], inputs).outputs()
-        inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]
 
 
 def _svds(steps, moments: dict, damp: float, values_only: bool = False):
@@ -196,7 +157,7 @@ def factorize(model: nn.Module, config: FactorizeConfig, calibration: str | torc
     errors: dict[str, torch.Tensor] = {}
 
     def curves():
-        _walk(model, calib, chosen, measure, sequential=False, progress=progress, desc="factorize: spectra")
+        walk_layers(model, calib, chosen, measure, sequential=False, progress=progress, desc="factorize: spectra")
         return errors
 
     ranks = _ranks(config, shapes, curves)
@@ -208,7 +169,7 @@ def factorize(model: nn.Module, config: FactorizeConfig, calibration: str | torc
             _swap(model, name, module, *truncate(P, sigma, B, ranks[name]), merge=config.merge)
             relative[name] = round(float(error_curve(*direction_importance(sigma))[ranks[name]]), 6)
 
-    _walk(model, calib, chosen, replace, sequential=config.sequential, progress=progress, desc="factorize")
+    walk_layers(model, calib, chosen, replace, sequential=config.sequential, progress=progress, desc="factorize")
     return _record(model, config, ranks, shapes, relative, calib_info, started)
 
 
@@ -257,7 +218,7 @@ def save_score_map(model: nn.Module, config: FactorizeConfig, out: str | os.Path
         def score(i, steps, moments):
             linears.update(write_layer(tmp, i, [(name, svd) for name, _, svd in _svds(steps, moments, config.damp)]))
 
-        _walk(model, calib, chosen, score, sequential=False, progress=progress, desc="factorize: scores")
+        walk_layers(model, calib, chosen, score, sequential=False, progress=progress, desc="factorize: scores")
         write_meta(tmp, source, calib_info, config, linears)
     logger.info("score map of %d linears written to %s in %.1f s", len(linears), out, time.perf_counter() - started)
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UsageError
+from ..swap import set_module, swap_linear
 
 __all__ = ["FactorizedLinear", "factorized_modules", "install_factorized", "merge_factorized", "set_module"]
 
@@ -51,12 +51,6 @@ class FactorizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at dotted path `name` of `model`."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def factorized_modules(model: nn.Module) -> dict[str, FactorizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, FactorizedLinear)}
 
@@ -65,17 +59,9 @@ def install_factorized(model: nn.Module, ranks: dict[str, int], dtype: torch.dty
     """Replace each nn.Linear named in `ranks` by an empty FactorizedLinear of that rank (on the
     linear's device, meta included), for weights to be loaded into."""
     for name, rank in ranks.items():
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise UsageError(f"the checkpoint factorizes {name}, which this model does not have; the checkpoint "
-                             "does not match its config") from None
-        if not isinstance(linear, nn.Linear):
-            raise UsageError(f"the checkpoint factorizes {name}, which is a {type(linear).__name__} in this model, not "
-                             "a linear; the checkpoint does not match its config")
-        set_module(model, name, FactorizedLinear(linear.in_features, linear.out_features, rank,
-                                                 bias=linear.bias is not None, dtype=dtype,
-                                                 device=linear.weight.device))
+        swap_linear(model, name, lambda linear: FactorizedLinear(
+            linear.in_features, linear.out_features, rank, bias=linear.bias is not None, dtype=dtype,
+            device=linear.weight.device), stored="factorizes")
 
 
 def merge_factorized(model: nn.Module) -> list[str]:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantResult", "accumulate_cross", "accumulate_hessian", "fp_target_weight", "grid_params", "quantize_dequantize", "rtn_quantize",
+__all__ = ["QuantResult", "accumulate_cross", "accumulate_diagonal", "accumulate_hessian", "fp_target_weight",
+           "grid_params", "quantize_dequantize", "rtn_quantize",
            "gptq_quantize", "DEFAULT_SHRINK_GRID"]
 
 # Range shrink factors tried per group by the clipping search (1.0 = the full min/max range).
@@ -94,6 +95,17 @@ def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, M: torch.Tensor, dam
     damp = damp_percent * torch.diagonal(H).mean().clamp(min=1e-8)
     Hd = H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return torch.linalg.solve(Hd, M @ weight.float().t()).t()
+
+
+def accumulate_diagonal(d: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The diagonal of `accumulate_hessian`'s H alone: running 2/N * sum_t x_t^2 ([in] float32),
+    for what weighs each input channel without the cross terms (a fraction of the flops)."""
+    x = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+    if d is None:
+        d = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
+    total = count + x.shape[0]
+    d.mul_(count / total).add_(x.pow(2).sum(0), alpha=2.0 / total)
+    return d, total
 
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool, shrink: float | torch.Tensor = 1.0

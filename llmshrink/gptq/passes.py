@@ -9,13 +9,17 @@ instead of run again (`Passes`).
 
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
+import torch
+from tqdm.auto import tqdm
+
+from ..arch import decoder_layers
 from ..kernels.cpu import native_bf16_cpu
 from .algorithm import accumulate_cross, accumulate_hessian
 from .config import GPTQConfig
 
-__all__ = ["BATCH", "Passes", "calib_dtype", "capture_first_inputs", "replay_block"]
+__all__ = ["BATCH", "Passes", "calib_dtype", "capture_first_inputs", "replay_block", "walk_layers"]
 
 BATCH = 8  # calibration windows per layer forward
 
@@ -197,3 +201,53 @@ def replay_block(layer, steps, i: int, hidden_size: int) -> torch.nn.Module | No
     child = steps[i][0][0].split(".", 1)[0]
     later = [name for step in steps[i + 1:] for name, _ in step]
     return None if any(n.split(".", 1)[0] == child for n in later) else layer.get_submodule(child)
+
+
+# on_layer(i, steps, moment by linear name): steps as `walk_layers` takes them
+OnLayer = Callable[[int, list[list[tuple[str, torch.nn.Linear]]], dict[str, torch.Tensor | None]], None]
+# accumulate(moment so far or None, tokens so far, new inputs [..., in]) -> (moment, tokens)
+Accumulate = Callable[[torch.Tensor | None, int, torch.Tensor], tuple[torch.Tensor, int]]
+
+
+@torch.no_grad()
+def walk_layers(model, calib: torch.Tensor | None, chosen: list[list[list[tuple[str, torch.nn.Linear]]]],
+                on_layer: OnLayer, sequential: bool, progress: bool, desc: str,
+                accumulate: Accumulate = accumulate_hessian) -> None:
+    """Call on_layer(i, steps, moment by name) for every decoder layer up to the last with chosen
+    linears, one layer's inputs held at a time, and pass the layer's outputs on to the next.
+
+    Args:
+        calib: [n, seqlen] token ids, or None: no forwards, every moment None.
+        chosen: per decoder layer, its steps (linears that read the same input) as (name in the
+            model, module); the first linear of each step is hooked, its moment serves the step.
+        sequential: the outputs passed on are those of the layer after on_layer (which may have
+            replaced its linears), else of the layer as it was (one layer forward less).
+        accumulate: how a moment grows with each batch of inputs (default the second moment
+            2/N X^T X of `accumulate_hessian`).
+    """
+    layers = decoder_layers(model)
+    last = max(i for i, steps in enumerate(chosen) if steps)
+    if calib is None:
+        for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress):
+            on_layer(i, chosen[i], {name: None for step in chosen[i] for name, _ in step})
+        return
+    dtype = next(model.parameters()).dtype
+    inputs = capture_first_inputs(model, layers, calib, dtype)
+    for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress):
+        moments: list[dict] = [{"H": None, "n": 0} for _ in chosen[i]]
+
+        def hook(state):
+            def fn(module, args):
+                state["H"], state["n"] = accumulate(state["H"], state["n"], args[0])
+            return fn
+
+        handles = [step[0][1].register_forward_pre_hook(hook(state)) for step, state in zip(chosen[i], moments)]
+        try:
+            outputs = Passes(layers[i], inputs).outputs()
+        finally:
+            for h in handles:
+                h.remove()
+        on_layer(i, chosen[i], {name: state["H"] for step, state in zip(chosen[i], moments) for name, _ in step})
+        if sequential and i < last:
+            outputs = Passes(layers[i], inputs).outputs()
+        inputs = [(h, kw) for h, (_, kw) in zip(outputs, inputs)]

@@ -19,7 +19,7 @@ from ..evals.report import print_table, to_markdown
 from ..io import atomic_write_json
 from .recipe import STATE_FILE, Recipe, plan_lines
 
-__all__ = ["evaluate_run", "final_label", "pareto_points", "plot_pareto", "print_summary", "step_label",
+__all__ = ["evaluate_run", "final_label", "pareto_points", "plot_pareto", "print_summary", "stage_sizes", "step_label",
            "write_report"]
 
 logger = logging.getLogger(__name__)
@@ -99,11 +99,24 @@ def plot_pareto(points: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def stage_sizes(state: dict) -> list[tuple[str, int | None]]:
+    """(label, weight bytes or None where unknown) of the original and of each step's output, in
+    run order: what every stage of the run weighs on disk, evaluated or not."""
+    return [("original", state.get("original_weight_bytes"))] + [
+        (step_label(i, s["method"]), s.get("weight_bytes")) for i, s in enumerate(state["steps"])]
+
+
+def _mb(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**20:.2f}"
+
+
 def _markdown(recipe: Recipe, state: dict) -> str:
     lines = [f"# llmshrink run: {recipe.model} -> {state['final']}", "", "## Plan", "", "```",
-             *plan_lines(recipe), "```", "", "## Steps", "", "| step | method | seconds | output |", "|---|---|---|---|"]
-    lines += [f"| {i + 1} | {s['method']} | {s['seconds']:.0f} | {s['folder']} ({s['kind']}) |"
-              for i, s in enumerate(state["steps"])]
+             *plan_lines(recipe), "```", "", "## Steps", "", "| step | method | seconds | weights (MB) | output |",
+             "|---|---|---|---|---|",
+             f"| 0 | original | - | {_mb(state.get('original_weight_bytes'))} | {recipe.model} |"]
+    lines += [f"| {i + 1} | {s['method']} | {s['seconds']:.0f} | {_mb(s.get('weight_bytes'))} | {s['folder']} "
+              f"({s['kind']}) |" for i, s in enumerate(state["steps"])]
     evals = state.get("evals", {})
     if evals:
         lines += ["", "## Original against compressed", ""]
@@ -122,8 +135,8 @@ def _markdown(recipe: Recipe, state: dict) -> str:
 
 def write_report(recipe: Recipe, out: Path, state: dict) -> None:
     """report.json, report.md and (when a perplexity task was scored) pareto.png in `out`."""
-    atomic_write_json(out / "report.json", {k: state[k] for k in ("recipe", "versions", "steps", "final", "evals")
-                                            if k in state})
+    atomic_write_json(out / "report.json", {k: state[k] for k in ("recipe", "versions", "original_weight_bytes",
+                                                                  "steps", "final", "evals") if k in state})
     points = pareto_points(state)
     if points:
         plot_pareto(points, out / "pareto.png", f"{recipe.model}: {' -> '.join(s['method'] for s in state['steps'])}")
@@ -135,7 +148,9 @@ def write_report(recipe: Recipe, out: Path, state: dict) -> None:
 
 
 def print_summary(state: dict) -> None:
-    """The side-by-side table of the original and the final model, in the terminal."""
+    """The weights of every stage, then the side-by-side table of the original and the final
+    model, in the terminal."""
+    print("weights on disk: " + " -> ".join(f"{label} {_mb(size)} MB" for label, size in stage_sizes(state)))
     evals = state.get("evals", {})
     if "original" in evals and final_label(state) in evals:
         print_table(evals["original"], evals[final_label(state)])

@@ -1,7 +1,8 @@
 """Running a recipe: each step reads the previous step's folder and writes its own into the run folder.
 
     OUT/
-      run.json              state: the recipe, each finished step (config, folder, seconds), evaluations
+      run.json              state: the recipe, each finished step (config, folder, seconds, weight bytes),
+                            the original's weight bytes, evaluations
       steps/01-gptq/        each step's output, written whole (a crash leaves no half folder)
       model/                the final model: the last step's output plus llmshrink_recipe.json (how it
                             was made) and llmshrink_eval.json (its scores beside the original's)
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config import MethodConfig
 from ..errors import Interrupted, UsageError
+from ..formats import weight_bytes
 from ..hub import EVAL_FILE, RECIPE_FILE
 from ..io import atomic_dir, atomic_write_json, fingerprint, fingerprint_change, prepare_out
 from ..methods import Context, method_for
@@ -63,6 +65,13 @@ def _inputs(recipe: Recipe) -> dict:
     """Fingerprints of what the run reads (the model, a calibration file), for `resume`."""
     calib = recipe.calibration.source if recipe.calibration is not None else "wiki"
     return {"model": fingerprint(resolve_model(recipe.model)), "calibration": fingerprint(None if calib == "wiki" else calib)}
+
+
+def _weight_bytes(model: str) -> int | None:
+    """Bytes of the weight files a model needs as its format counts them (packed: as stored), or
+    None for a model that is no local folder (a Hub id not yet downloaded)."""
+    folder = Path(model)
+    return weight_bytes(folder) if folder.is_dir() else None
 
 
 def _load_state(out: Path, recipe: Recipe) -> dict:
@@ -149,6 +158,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
         state = {"recipe": recipe.to_dict(), "versions": versions(), "steps": [], "evals": {}, "inputs": _inputs(recipe)}
         done = 0
     state["recipe"] = recipe.to_dict()
+    state.setdefault("original_weight_bytes", _weight_bytes(resolve_model(recipe.model)))
     _write_state(out, state)
 
     total = len(recipe.steps)
@@ -178,7 +188,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
             raise Interrupted(f"the finished steps are kept in {out}: run the same recipe with --resume to continue, "
                               "or with --overwrite to start over") from None
         state["steps"].append({"method": step.METHOD, "config": step.to_dict(), "folder": str(dest.relative_to(out)),
-                               "kind": method.output_kind(step), "seconds": round(time.perf_counter() - started, 1)})
+                               "kind": method.output_kind(step), "seconds": round(time.perf_counter() - started, 1),
+                               "weight_bytes": weight_bytes(dest)})
         state.pop("running")
         _write_state(out, state)
         src = str(dest)

@@ -72,6 +72,9 @@ CASES = [
     ("factorize --model {tiny} --out f --scores {textdir}", "is not a score map (it has no scores.json)"),
     ("factorize --model {tiny} --save-scores {full}", "exists and is not empty; choose another --save-scores"),
     ("width_prune --model {tiny} --out w --ratio 1.5", "ratio=1.5 is outside (0, 1]"),
+    ("share --model {tiny} --out s --bits 9", "bits=9 is outside 2-8; a codebook holds 2^bits shared values"),
+    ("share --model {tiny} --out s --per col", "per='col' is not known; use row"),
+    ("share --model {tiny} --out " + READ_ONLY, "is not writable"),
     ("lm-eval --model hf --model_args pretrained={pickle} --tasks piqa", "holds only pickle weights"),
 ]
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -27,7 +25,7 @@ from llmshrink.formats import detect
 from llmshrink.pipeline import load_recipe, run_recipe
 from llmshrink.safetensors_io import tensors_sha256
 
-from conftest import save_tiny, tiny_with_calibration
+from conftest import fresh_logits, save_tiny, tiny_with_calibration
 
 IDS = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(7))
 
@@ -173,34 +171,6 @@ def logits(model) -> torch.Tensor:
         return model(IDS).logits
 
 
-FRESH = """
-import json, sys, torch
-from safetensors.torch import save_file
-ids = torch.tensor(json.loads(sys.argv[2]))
-if sys.argv[4] == "llmshrink":
-    import llmshrink
-    model = llmshrink.AutoModelForCausalLM.from_pretrained(sys.argv[1])
-elif sys.argv[4] == "transformers+llmshrink":
-    import llmshrink.factorize, transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
-else:
-    import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])
-    assert "llmshrink" not in sys.modules
-with torch.no_grad():
-    save_file({"logits": model(ids).logits.contiguous()}, sys.argv[3])
-"""
-
-
-def fresh_logits(folder, how: str, tmp_path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    result = tmp_path / f"logits-{how}.safetensors"
-    subprocess.run([sys.executable, "-c", FRESH, str(folder), json.dumps(IDS.tolist()), str(result), how],
-                   check=True, timeout=300)
-    return load_file(str(result))["logits"]
-
-
 def test_a_factorized_folder_loads_in_a_fresh_process_with_the_in_memory_logits(tiny, tmp_path):
     model, tokenizer, record = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
     assert record["ranks"] and record["parameters"]["ratio"] <= 0.6
@@ -217,8 +187,8 @@ def test_a_factorized_folder_loads_in_a_fresh_process_with_the_in_memory_logits(
     name, rank = next(iter(record["ranks"].items()))
     assert {f"{name}.U.weight", f"{name}.V.weight"} <= keys and f"{name}.weight" not in keys
     expected = logits(model)
-    torch.testing.assert_close(fresh_logits(out, "llmshrink", tmp_path), expected)
-    torch.testing.assert_close(fresh_logits(out, "transformers+llmshrink", tmp_path), expected)
+    torch.testing.assert_close(fresh_logits(out, IDS, "llmshrink", tmp_path), expected)
+    torch.testing.assert_close(fresh_logits(out, IDS, "transformers+llmshrink.factorize", tmp_path), expected)
 
 
 def test_plain_transformers_without_llmshrink_names_the_format_it_cannot_load(tiny, tmp_path):
@@ -226,8 +196,7 @@ def test_plain_transformers_without_llmshrink_names_the_format_it_cannot_load(ti
     and loads the factorized linears as random weights; the warning must name the format."""
     model, tokenizer, _ = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
     out = save_factorized(model, tokenizer, tmp_path / "f")
-    done = subprocess.run([sys.executable, "-c", FRESH, str(out), json.dumps(IDS.tolist()), str(tmp_path / "x"),
-                           "transformers"], capture_output=True, text=True, timeout=300)
+    done = fresh_logits(out, IDS, "transformers", tmp_path, check=False)
     assert "llmshrink_factorized" in done.stderr and "MISSING" in done.stderr, done.stderr[-2000:]
 
 
@@ -238,7 +207,7 @@ def test_a_merged_export_is_a_standard_folder_with_the_factorized_logits(tiny, t
     config = json.loads((out / "config.json").read_text())
     assert detect(out).name == "dense" and "quantization_config" not in config
     assert config["llmshrink_factorize"]["merged"] and config["llmshrink_factorize"]["ranks"] == record["ranks"]
-    torch.testing.assert_close(fresh_logits(out, "transformers", tmp_path), logits(factorized), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fresh_logits(out, IDS, "transformers", tmp_path), logits(factorized), rtol=1e-4, atol=1e-4)
 
 
 def test_ratio_one_keeps_every_weight_exactly(tiny, tmp_path):
@@ -432,11 +401,11 @@ def test_a_cut_folder_loads_in_a_fresh_process_and_merges(tiny, score_map, tmp_p
     out = llmshrink.compress(tiny["base"], config, tmp_path / "cut", progress=False)
     assert detect(out).name == "factorized"
     assert json.loads((out / "config.json").read_text())["llmshrink_factorize"]["ranks"] == record["ranks"]
-    torch.testing.assert_close(fresh_logits(out, "llmshrink", tmp_path), logits(cut))
+    torch.testing.assert_close(fresh_logits(out, IDS, "llmshrink", tmp_path), logits(cut))
     merged = llmshrink.compress(tiny["base"], FactorizeConfig(ratio=0.6, scores=str(score_map), merge=True),
                                 tmp_path / "merged", progress=False)
     assert detect(merged).name == "dense"
-    torch.testing.assert_close(fresh_logits(merged, "transformers", tmp_path), logits(cut), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fresh_logits(merged, IDS, "transformers", tmp_path), logits(cut), rtol=1e-4, atol=1e-4)
 
 
 def test_save_scores_with_an_output_writes_the_map_and_the_cut_from_it(tiny, score_map, tmp_path):

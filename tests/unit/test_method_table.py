@@ -21,6 +21,7 @@ from llmshrink.evals.data import corpus_documents
 from llmshrink.factorize import FactorizeConfig
 from llmshrink.methods import load_builtin_methods
 from llmshrink.rotate import RotateConfig
+from llmshrink.share import ShareConfig
 from llmshrink.width_prune import WidthPruneConfig
 
 from conftest import save_tiny
@@ -45,6 +46,8 @@ CASES = {
     "rotate-random-no-heads": RotateConfig(kind="random", heads=False, seed=3),
     "factorize-0.7": FactorizeConfig(ratio=0.7),
     "width_prune-0.7": WidthPruneConfig(ratio=0.7, multiple=8),
+    "share-3bit-row": ShareConfig(),
+    "share-4bit-tensor-plain": ShareConfig(bits=4, per="tensor", weighted=False),
 }
 
 

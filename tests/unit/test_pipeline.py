@@ -182,10 +182,12 @@ def test_prune_prune_quantize_pack_run_writes_model_record_and_report(tiny):
     assert list(report["evals"]) == ["original", "1. layer_prune", "2. weight_prune", "3. rtn", "4. pack"]
     sizes = {k: v["stats"]["size_mb"] for k, v in report["evals"].items()}
     assert sizes["3. rtn"] < sizes["2. weight_prune"] < sizes["original"] and sizes["4. pack"] < sizes["3. rtn"]
+    stages = [report["original_weight_bytes"]] + [s["weight_bytes"] for s in report["steps"]]  # evaluated or not
+    assert [round(b / 2**20, 6) for b in stages] == [round(v, 6) for v in sizes.values()]
     ppl = {k: v["results"]["wiki"]["ppl"] for k, v in report["evals"].items()}
     assert ppl["4. pack"] == pytest.approx(ppl["3. rtn"], rel=1e-5)  # lossless
     md = (out / "report.md").read_text()
-    assert "| metric | original | 4. pack | delta |" in md and "![perplexity against size](pareto.png)" in md
+    assert "| metric | original | 4. pack | delta |" in md and "| step | method | seconds | weights (MB) | output |" in md and "![perplexity against size](pareto.png)" in md
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert state["final"] == "model"
 
