@@ -123,9 +123,10 @@ ROWS = {
     "embed4": ("GPTQ (llmshrink, --embed-bits 4)", ["--embed-bits", "4"]),
     "embed8": ("GPTQ (llmshrink, --embed-bits 8)", ["--embed-bits", "8"]),
     "embed6": ("GPTQ (llmshrink, --embed-bits 6)", ["--embed-bits", "6"]),
-    "fp-target": ("GPTQ (llmshrink, --fp-target)", ["--fp-target"]),
-    "rotated-asym-fp": ("GPTQ (llmshrink, --rotate hadamard --asym --fp-target)",
-                        ["--rotate", "hadamard", "--asym", "--fp-target"]),
+    "fp-target": ("GPTQ (llmshrink, --fp-target 1)", ["--fp-target", "1"]),
+    "fp-target-half": ("GPTQ (llmshrink, --fp-target 0.5)", ["--fp-target", "0.5"]),
+    "rotated-asym-fp": ("GPTQ (llmshrink, --rotate hadamard --asym --fp-target 1)",
+                        ["--rotate", "hadamard", "--asym", "--fp-target", "1"]),
     # a rotation unties a tied head (the final norm's scale folds into it): these also quantize it
     "rotated-asym-head": ("GPTQ (llmshrink, --rotate hadamard --asym --lm-head --embed-bits 6)",
                           ["--rotate", "hadamard", "--asym", "--lm-head", "--embed-bits", "6"]),

@@ -84,17 +84,24 @@ def accumulate_cross(M: torch.Tensor | None, count: int, x: torch.Tensor, y: tor
     return M.mul_(count / total).addmm_(x.t(), y, alpha=2.0 / total)
 
 
-def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, M: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """The weight W* whose outputs on the quantized model's inputs X~ best match the full-precision
-    model's outputs W X (least squares, damped as GPTQ damps H):  W* = W M^T (H + damp I)^-1,
-    with H = X~ X~^T and M = X~ X^T.
+def fp_target_weight(weight: torch.Tensor, H: torch.Tensor, M: torch.Tensor, damp_percent: float,
+                     alpha: float = 1.0) -> torch.Tensor:
+    """The weight GPTQ solves for when the full-precision outputs are (partly) the target.
 
-    Then ||Q X~ - W X||^2 = ||(Q - W*) X~||^2 + a constant, so GPTQ run on (W*, H) minimizes the
-    error against the full-precision outputs (the "asymmetric calibration" of GPTAQ, Li et al.
-    2025), not against the quantized model's own outputs."""
+    W* = W M^T H^-1, with H = X~ X~^T and M = X~ X^T, is the weight whose outputs on the quantized
+    model's inputs X~ best match the full-precision model's outputs W X (least squares):
+    ||Q X~ - W X||^2 = ||(Q - W*) X~||^2 + a constant, so GPTQ run on (W*, H) minimizes the error
+    against the full-precision outputs (the "asymmetric calibration" of GPTAQ, Li et al. 2025).
+    Only the correction is damped, W* = W + W (M^T - H) (H + damp I)^-1, so that inputs that have
+    not drifted (M = H) leave W as it is: damping W M^T itself would shrink W towards 0 along every
+    direction the calibration text hardly excites. Returned is W + alpha (W* - W): the exact
+    minimizer target of (1 - alpha) ||(Q - W) X~||^2 + alpha ||Q X~ - W X||^2, GPTQ's own
+    objective at alpha 0."""
+    weight = weight.float()
     damp = damp_percent * torch.diagonal(H).mean().clamp(min=1e-8)
     Hd = H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return torch.linalg.solve(Hd, M @ weight.float().t()).t()
+    correction = torch.linalg.solve(Hd, (M - H) @ weight.t()).t()
+    return weight + alpha * correction
 
 
 def accumulate_diagonal(d: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:

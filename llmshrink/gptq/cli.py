@@ -66,9 +66,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--embed-bits", type=int, default=d("embed_bits"),
                    help="also quantize the input embedding at these bits (2 to 8; a tied head shares it); "
                         "only llmshrink reads it, not GPTQModel or vLLM (default: fp16 embedding)")
-    p.add_argument("--fp-target", action="store_true",
-                   help="solve each linear against the full-precision model's outputs, correcting the error of "
-                        "the layers before (GPTAQ's asymmetric calibration; a second forward per layer)")
+    p.add_argument("--fp-target", type=float, default=d("fp_target"), metavar="A",
+                   help="share (0 to 1) of each linear's target that is the full-precision model's outputs, "
+                        "correcting the error of the layers before (GPTAQ's asymmetric calibration; a second "
+                        "forward per layer; default 0: off)")
     p.add_argument("--partial-groups", action="store_true",
                    help="keep --group-size where it does not divide a linear's inputs (a partial last group; "
                         "vLLM cannot read it); by default the size is halved until every linear has whole groups")

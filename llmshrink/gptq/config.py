@@ -122,11 +122,12 @@ class GPTQConfig(MethodConfig):
             shares it, and it is then solved as that head (the algorithm with the head's Hessian);
             else round to nearest with range search. Only llmshrink reads it (transformers too
             after `import llmshrink`; not GPTQModel or vLLM). None keeps it in fp16.
-        fp_target: solve each linear against the full-precision model's outputs on the
-            full-precision inputs (W X), not against the weights applied to the inputs the
-            quantized model gives it (W X~): GPTAQ's asymmetric calibration, which also corrects
-            the error the layers before have left. Costs a second forward of every layer (the
-            full-precision one) and one [in, in] solve per step. Off by default.
+        fp_target: how much of each linear's target is the full-precision model's outputs, 0 to 1.
+            GPTQ fits W X~, the weights on the inputs the already-quantized layers give the
+            linear; 1 fits the full-precision model's W X instead (GPTAQ's asymmetric calibration,
+            which also corrects the error the layers before have left); in between, the exact
+            mix (1 - a) ||(Q - W) X~||^2 + a ||Q X~ - W X||^2. Costs a second forward of every
+            layer (the full-precision one) and one [in, in] solve per step. 0 (off) by default.
         calib_dtype: dtype of the calibration forwards ("float32", "bfloat16", or "auto":
             bfloat16 on CUDA and on CPUs with native bf16 matmul, AVX512-BF16 or AMX; else
             float32). Hessians are accumulated and weights solved in float32 either way; bf16
@@ -152,7 +153,7 @@ class GPTQConfig(MethodConfig):
     rotate: str | None = None
     target_bits: float | None = None
     embed_bits: int | None = None
-    fp_target: bool = False
+    fp_target: float = 0.0
 
     def validate(self) -> None:
         _check_grid(self.bits, self.group_size, self.damp_percent, where="")
@@ -170,6 +171,9 @@ class GPTQConfig(MethodConfig):
             if fixed:
                 raise UsageError(f"target_bits writes its own dynamic rules, but dynamic['{fixed[0]}'] overrides "
                                  "some linears; keep only '-:' skip rules with target_bits")
+        if not isinstance(self.fp_target, (int, float)) or not 0 <= self.fp_target <= 1:
+            raise UsageError(f"fp_target={self.fp_target} is outside 0..1; give the full-precision outputs' share "
+                             "of the target, such as 0.25 (0 leaves it off)")
         if self.fp_target and self.algorithm != "gptq":
             raise UsageError(f"fp_target solves GPTQ against the full-precision outputs; algorithm='{self.algorithm}' "
                              "does not solve: use algorithm='gptq' or leave fp_target off")

@@ -166,7 +166,7 @@ def _quantize_step(todo, H, masters: dict, tensors: dict, stats: dict, prefix: s
         mconf = batch[0][2]
         weight = torch.cat([masters[f"{name}.weight"] for name, _, _ in batch])  # [sum of out, in]
         if M is not None:
-            weight = fp_target_weight(weight, H, M, mconf.damp_percent)
+            weight = fp_target_weight(weight, H, M, mconf.damp_percent, mconf.fp_target)
         result = mconf.solver.quantize(weight, H, mconf)
         row = 0
         for name, mod, _ in batch:

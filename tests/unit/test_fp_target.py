@@ -1,4 +1,4 @@
-"""`GPTQConfig(fp_target=True)`: each linear solved against the full-precision model's outputs."""
+"""`GPTQConfig(fp_target=...)`: each linear solved (partly) against the full-precision model's outputs."""
 
 import pytest
 import torch
@@ -26,8 +26,10 @@ def test_the_target_is_the_least_squares_fit_to_the_full_precision_outputs():
     target = fp_target_weight(w, H, M, damp_percent=0.0)
     fit = torch.linalg.lstsq(x_q, x_fp @ w.t()).solution.t()  # min ||x_q W*^T - x_fp W^T||
     assert torch.allclose(target, fit, atol=1e-4)
-    same = fp_target_weight(w, H, H, damp_percent=0.0)  # no drift: the weight itself
-    assert torch.allclose(same, w, atol=1e-4)
+    same = fp_target_weight(w, H, H, damp_percent=0.01)  # no drift: the weight itself, damped or not
+    assert torch.equal(same, w)
+    half = fp_target_weight(w, H, M, damp_percent=0.0, alpha=0.5)
+    assert torch.allclose(half, (w + fit) / 2, atol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "opt", "gpt_neox"])
@@ -40,15 +42,18 @@ def test_fp_target_brings_the_quantized_model_closer_to_the_original(tmp_path, m
     with torch.no_grad():
         reference = original(held_out).logits
     errors = {}
-    for fp_target in (False, True):
+    for fp_target in (0.0, 1.0):
         config = GPTQConfig(bits=2, group_size=16, fp_target=fp_target, calib_dtype="float32")
         out = quantize_checkpoint(tmp_path / "src", config, _calib(), tmp_path / f"q-{fp_target}", progress=False)
         with torch.no_grad():
             logits = load_quantized(out)(held_out).logits
         errors[fp_target] = float((logits - reference).pow(2).mean() / reference.pow(2).mean())
-    assert errors[True] < 0.8 * errors[False], errors
+    assert errors[1.0] < 0.8 * errors[0.0], errors
 
 
-def test_fp_target_needs_the_gptq_solver():
+def test_fp_target_needs_the_gptq_solver_and_a_share_in_0_1():
     with pytest.raises(UsageError, match="fp_target .* algorithm='gptq'"):
-        GPTQConfig(algorithm="rtn", fp_target=True).validate()
+        GPTQConfig(algorithm="rtn", fp_target=1.0).validate()
+    for bad in (-0.1, 1.5):
+        with pytest.raises(UsageError, match="outside 0..1"):
+            GPTQConfig(fp_target=bad).validate()

@@ -125,7 +125,7 @@ def test_same_seed_gives_a_byte_identical_checkpoint(tmp_path):
     assert _digest(a) == _digest(b)
 
 
-@pytest.mark.parametrize("fp_target", [False, True])  # True: the full-precision stream is rebuilt on resume
+@pytest.mark.parametrize("fp_target", [0.0, 1.0])  # True: the full-precision stream is rebuilt on resume
 def test_an_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch, fp_target):
     _save_tiny(tmp_path / "src")
     cfg = GPTQConfig(bits=4, group_size=16, fp_target=fp_target)

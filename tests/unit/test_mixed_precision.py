@@ -167,13 +167,13 @@ def test_a_recipe_step_takes_rotate_target_bits_and_fp_target(tmp_path):  # embe
     tiny = tiny_with_calibration(tmp_path)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: {tiny['base']}\nseed: 0\ncalibration: {{source: {tiny['calib']}, nsamples: 4, seqlen: 32}}\n"
-                      "steps:\n  - {method: gptq, group_size: 16, rotate: hadamard, target_bits: 6, fp_target: true}\n"
+                      "steps:\n  - {method: gptq, group_size: 16, rotate: hadamard, target_bits: 6, fp_target: 0.5}\n"
                       f"out: {tmp_path / 'run'}\n")
     run_recipe(load_recipe(recipe), progress=False)
     out = tmp_path / "run" / "model"
     config = json.loads((out / "config.json").read_text())
     record = config["quantization_config"]["llmshrink"]
-    assert config["llmshrink_rotate"]["config"]["kind"] == "hadamard" and record["config"]["fp_target"] is True
+    assert config["llmshrink_rotate"]["config"]["kind"] == "hadamard" and record["config"]["fp_target"] == 0.5
     assert record["mixed_precision"]["target_bits"] == 6 and record["mixed_precision"]["achieved_bits"] <= 6
     model = load_quantized(out)
     assert {m.bits for m in model.modules() if isinstance(m, QuantLinear)} == set(
