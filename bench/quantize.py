@@ -130,6 +130,8 @@ ROWS = {
     # a rotation unties a tied head (the final norm's scale folds into it): these also quantize it
     "rotated-asym-head": ("GPTQ (llmshrink, --rotate hadamard --asym --lm-head --embed-bits 6)",
                           ["--rotate", "hadamard", "--asym", "--lm-head", "--embed-bits", "6"]),
+    "rotated-asym-fp-head": ("GPTQ (llmshrink, --rotate hadamard --asym --fp-target 1 --lm-head --embed-bits 6)",
+                             ["--rotate", "hadamard", "--asym", "--fp-target", "1", "--lm-head", "--embed-bits", "6"]),
     "rotated-embed4": ("GPTQ (llmshrink, --rotate hadamard --lm-head --embed-bits 4)",
                        ["--rotate", "hadamard", "--lm-head", "--embed-bits", "4"]),
 }
