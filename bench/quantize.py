@@ -271,9 +271,9 @@ def main() -> None:
         out = work / f"mixed-{budget}"
         name = f"GPTQ (llmshrink, --target-bits {budget}{' ' + args.mixed_flags if mixed_flags else ''}" \
                f"{', sensitivity reused' if first else ''})"
-        rows.append(quantize_row(cli, env, "mixed" + (" rotated" if "--rotate" in mixed_flags else ""), name, flags,
-                                 args.model, out, ids, args, "4"))
-        rows[-1]["bits"] = f"{rows[-1]['linear_bits']:.2f} avg"
+        row = quantize_row(cli, env, "mixed" + (" rotated" if "--rotate" in mixed_flags else ""), name, flags,
+                           args.model, out, ids, args, "4")
+        rows.append({**row, "bits": f"{row['linear_bits']:.2f} avg"})
         first = first or out
     for bits in [b for b in (args.gptqmodel_bits or args.bits).split(",") if b] if args.gptqmodel_python else []:
         out = work / f"gptqmodel-{bits}"
