@@ -147,16 +147,23 @@ def plot(rows: list[dict], base: float, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     families: dict[str, list[dict]] = {}
     for r in rows:
-        families.setdefault(r["family"], []).append(r)
+        families.setdefault(r["family"].removesuffix(" (--target-bits)"), []).append(r)
+    top = 30 * base  # points above are drawn at the top edge, marked with their value
+    colors = plt.get_cmap("tab20").colors
     for ax, x, label in ((axes[0], "linear_bits", "decoder linears: stored bits per weight (scales, zeros, g_idx)"),
                          (axes[1], "mb", "checkpoint weights (MB)")):
-        for family, pts in families.items():
+        for k, (family, pts) in enumerate(families.items()):
             pts = sorted(pts, key=lambda r: r[x])
-            ax.plot([p[x] for p in pts], [p["ppl"] for p in pts], marker="o", label=family)
+            ys = [min(p["ppl"], top) for p in pts]
+            ax.plot([p[x] for p in pts], ys, marker="os^vD<>p*h"[k % 10], color=colors[k % 20], label=family)
+            for p in pts:
+                if p["ppl"] > top:
+                    ax.annotate(f"{p['ppl']:.3g}", (p[x], top), fontsize=7, xytext=(3, -10), textcoords="offset points")
         ax.axhline(base, color="gray", linestyle="--", linewidth=1, label=f"unquantized {base:.2f}")
         ax.set_xlabel(label)
-        ax.set_ylabel("wiki perplexity (log scale)")
+        ax.set_ylabel(f"wiki perplexity (log scale, cut at {top:.0f})")
         ax.set_yscale("log")
+        ax.set_ylim(base * 0.95, top * 1.1)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M: size against perplexity (40 held-out windows x 512, 128 x 512 calibration)")
