@@ -14,7 +14,8 @@ from torch import nn
 
 from .errors import UsageError
 
-__all__ = ["ArchSpec", "ARCHITECTURES", "arch_for", "checkpoint_names", "decoder_layers", "layer_linears"]
+__all__ = ["ArchSpec", "ARCHITECTURES", "arch_for", "checkpoint_names", "decoder_layers", "decoder_steps",
+           "layer_linears"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,14 @@ def layer_linears(layer: nn.Module, spec: ArchSpec) -> list[list[tuple[str, nn.L
             found.append((name, module))
         steps.append(found)
     return steps
+
+
+def decoder_steps(model: nn.Module) -> list[list[list[tuple[str, nn.Linear]]]]:
+    """Per decoder layer, its `layer_linears` steps with each linear named as in the model
+    ("model.layers.3.mlp.up_proj")."""
+    spec = arch_for(model)
+    return [[[(f"{spec.layers}.{i}.{n}", m) for n, m in step] for step in layer_linears(layer, spec)]
+            for i, layer in enumerate(decoder_layers(model, spec))]
 
 
 def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:

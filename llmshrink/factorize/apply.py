@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..arch import arch_for, decoder_layers, layer_linears
+from ..arch import arch_for, decoder_steps
 from ..calibration import check_seqlen, resolve_calibration
 from ..errors import UsageError
 from ..gptq.passes import walk_layers
@@ -49,14 +49,11 @@ RECORD = "llmshrink_factorize"  # the config.json key of a factorized (or merged
 def chosen_linears(model: nn.Module, config: FactorizeConfig) -> list[list[list[tuple[str, nn.Linear]]]]:
     """Per decoder layer, its steps (linears that read the same input) of the linears `targets`
     finds, as (name in the model, module)."""
-    spec = arch_for(model)
     pattern = re.compile(config.targets)
-    chosen = []
-    for i, layer in enumerate(decoder_layers(model, spec)):
-        steps = [[(f"{spec.layers}.{i}.{n}", m) for n, m in step if pattern.search(f"{spec.layers}.{i}.{n}")]
-                 for step in layer_linears(layer, spec)]
-        chosen.append([s for s in steps if s])
+    chosen = [[kept for kept in ([(n, m) for n, m in step if pattern.search(n)] for step in steps) if kept]
+              for steps in decoder_steps(model)]
     if not any(chosen):
+        spec = arch_for(model)
         raise UsageError(f"targets='{config.targets}' finds none of the decoder linears (such as "
                          f"{spec.layers}.0.{spec.sequential[0][0]}); use a pattern that does, or '' for all")
     return chosen

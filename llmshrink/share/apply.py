@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from ..arch import arch_for, decoder_layers, layer_linears
+from ..arch import decoder_steps
 from ..calibration import check_seqlen, resolve_calibration
 from ..gptq.algorithm import accumulate_diagonal
 from ..gptq.passes import walk_layers
@@ -37,13 +37,6 @@ def stored_bits(module: SharedLinear) -> int:
     return module.in_features * module.out_features * module.bits + 16 * module.codebook.numel()
 
 
-def _decoder_linears(model: nn.Module) -> list[list[list[tuple[str, nn.Linear]]]]:
-    """Per decoder layer, its steps of (name in the model, linear)."""
-    spec = arch_for(model)
-    return [[[(f"{spec.layers}.{i}.{n}", m) for n, m in step] for step in layer_linears(layer, spec)]
-            for i, layer in enumerate(decoder_layers(model, spec))]
-
-
 @torch.no_grad()
 def share(model: nn.Module, config: ShareConfig, calibration: str | torch.Tensor | None = None, tokenizer=None,
           nsamples: int = 128, seqlen: int = 512, seed: int = 0, progress: bool = True) -> dict:
@@ -58,7 +51,7 @@ def share(model: nn.Module, config: ShareConfig, calibration: str | torch.Tensor
         their stored bits per weight (codebooks included), the exact zeros kept, and each linear's
         relative error sum_j w_j (W - W')^2 / sum_j w_j W^2 (w = H_jj, or 1 unweighted).
     """
-    chosen = _decoder_linears(model)
+    chosen = decoder_steps(model)
     calib, calib_info = None, None
     if config.weighted:
         check_seqlen(model.config, seqlen if not isinstance(calibration, torch.Tensor) else calibration.shape[1])
