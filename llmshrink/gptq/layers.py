@@ -17,7 +17,7 @@ from ..errors import UsageError
 from .algorithm import fp_target_weight
 from .config import GPTQConfig
 from .packing import pack_gptq
-from .passes import Passes, replay_block
+from .passes import Passes, outputs_seeing, replay_block
 
 __all__ = ["fp_forward", "head_hessian", "head_of", "quantize_head", "quantize_layer"]
 
@@ -89,13 +89,7 @@ def fp_forward(layer, steps, inputs) -> tuple[list[list[torch.Tensor]], list[tor
     """Run the (still unquantized) `layer` on `inputs`: (per step of `steps`, its inputs per batch;
     the layer's outputs per batch)."""
     seen: list[list[torch.Tensor]] = [[] for _ in steps]
-    handles = [step[0][1].register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0]))
-               for i, step in enumerate(steps)]
-    try:
-        outputs = Passes(layer, inputs).outputs()
-    finally:
-        for h in handles:
-            h.remove()
+    outputs = outputs_seeing(layer, steps, inputs, lambda k, x: seen[k].append(x))
     return seen, outputs
 
 

@@ -19,7 +19,8 @@ from ..kernels.cpu import native_bf16_cpu
 from .algorithm import accumulate_cross, accumulate_hessian
 from .config import GPTQConfig
 
-__all__ = ["BATCH", "Passes", "calib_dtype", "capture_first_inputs", "replay_block", "walk_layers"]
+__all__ = ["BATCH", "Passes", "calib_dtype", "capture_first_inputs", "outputs_seeing", "replay_block",
+           "walk_layers"]
 
 BATCH = 8  # calibration windows per layer forward
 
@@ -203,6 +204,19 @@ def replay_block(layer, steps, i: int, hidden_size: int) -> torch.nn.Module | No
     return None if any(n.split(".", 1)[0] == child for n in later) else layer.get_submodule(child)
 
 
+def outputs_seeing(layer, steps, inputs: list[tuple[torch.Tensor, dict]],
+                   seen: Callable[[int, torch.Tensor], None]) -> list[torch.Tensor]:
+    """The outputs of `layer` for `inputs`, per batch, with seen(k, x) called on every batch's
+    input x of step k of `steps` (its first linear's input, which the step's linears share)."""
+    handles = [step[0][1].register_forward_pre_hook(lambda mod, args, k=k: seen(k, args[0]))
+               for k, step in enumerate(steps)]
+    try:
+        return Passes(layer, inputs).outputs()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # on_layer(i, steps, moment by linear name): steps as `walk_layers` takes them
 OnLayer = Callable[[int, list[list[tuple[str, torch.nn.Linear]]], dict[str, torch.Tensor | None]], None]
 # accumulate(moment so far or None, tokens so far, new inputs [..., in]) -> (moment, tokens)
@@ -236,17 +250,11 @@ def walk_layers(model, calib: torch.Tensor | None, chosen: list[list[list[tuple[
     for i in tqdm(range(last + 1), desc=desc, unit="layer", disable=not progress):
         moments: list[dict] = [{"H": None, "n": 0} for _ in chosen[i]]
 
-        def hook(state):
-            def fn(module, args):
-                state["H"], state["n"] = accumulate(state["H"], state["n"], args[0])
-            return fn
+        def seen(k, x):
+            state = moments[k]
+            state["H"], state["n"] = accumulate(state["H"], state["n"], x)
 
-        handles = [step[0][1].register_forward_pre_hook(hook(state)) for step, state in zip(chosen[i], moments)]
-        try:
-            outputs = Passes(layers[i], inputs).outputs()
-        finally:
-            for h in handles:
-                h.remove()
+        outputs = outputs_seeing(layers[i], chosen[i], inputs, seen)
         on_layer(i, chosen[i], {name: state["H"] for step, state in zip(chosen[i], moments) for name, _ in step})
         if sequential and i < last:
             outputs = Passes(layers[i], inputs).outputs()
