@@ -227,6 +227,10 @@ def prune(model, config: LayerPruneConfig | WeightPruneConfig, calibration: str 
         model, tokenizer, _ = load_model(str(model))
     if not isinstance(config, (LayerPruneConfig, WeightPruneConfig)):
         raise UsageError(f"prune takes a LayerPruneConfig or WeightPruneConfig, not {type(config).__name__}")
+    if isinstance(config, WeightPruneConfig) and config.gradual():
+        raise UsageError(f"rounds={config.rounds}, heal_steps={config.heal_steps} heal between rounds, which needs "
+                         "folders; use llmshrink.prune.gradual_prune(source, config, out), llmshrink.compress or "
+                         "`llmshrink prune --rounds`")
     n_layers = len(decoder_layers(model))
     if isinstance(config, LayerPruneConfig) and config.layers >= n_layers:
         raise UsageError(f"removing {config.layers} of {n_layers} decoder layers leaves none; remove at most {n_layers - 1}")

@@ -4,6 +4,7 @@ are the configs'."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from transformers import AutoConfig
 
@@ -14,7 +15,8 @@ from ..errors import UsageError
 from ..io import check_writable_file, prepare_out
 from ..models import DEFAULT_MODEL, resolve_model
 from .apply import prune, save_pruned
-from .config import CRITERIA, PATTERNS, SCORES, LayerPruneConfig, WeightPruneConfig
+from .config import CRITERIA, PATTERNS, SCHEDULES, SCORES, LayerPruneConfig, WeightPruneConfig
+from .gradual import gradual_prune
 from .report import plot_scores, print_scores
 
 __all__ = ["add_cli"]
@@ -26,7 +28,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.layers is not None:
         config = LayerPruneConfig(layers=args.layers, criterion=args.criterion, candidates=args.candidates)
     else:
-        config = WeightPruneConfig(sparsity=args.sparsity, score=args.score, pattern=args.pattern, scope=args.scope)
+        config = WeightPruneConfig(sparsity=args.sparsity, score=args.score, pattern=args.pattern, scope=args.scope,
+                                   rounds=args.rounds, heal_steps=args.heal_steps, schedule=args.schedule,
+                                   rewind=args.rewind, heal_lr=args.heal_lr)
+        config.validate()
+    gradual = args.sparsity is not None and config.gradual()
+    if args.layers is not None and (args.rounds != 1 or args.heal_steps or args.rewind):
+        raise UsageError("--rounds, --heal-steps and --rewind schedule weight pruning; use them with --sparsity, "
+                         "or heal removed layers with `llmshrink heal`")
     out = prepare_out(args.out, args.overwrite)
     plot = check_writable_file(args.plot, flag="--plot") if args.plot else out.with_name(out.name + "-scores.png")
     resolved = resolve_model(args.model)
@@ -35,6 +44,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.layers is not None and n_layers is not None and args.layers >= n_layers:
         raise UsageError(f"removing {args.layers} of {n_layers} decoder layers leaves none; remove at most {n_layers - 1}")
     check_seqlen(model_config, args.calib_seqlen)
+    if gradual:
+        gradual_prune(resolved, config, out, calibration=args.calib_file, nsamples=args.nsamples,
+                      seqlen=args.calib_seqlen, seed=args.seed, overwrite=args.overwrite)
+        rounds = json.loads((out / "config.json").read_text())["llmshrink_prune"]["rounds"]
+        path = " -> ".join(f"{r['sparsity']:.3f}" for r in rounds)
+        print(f"pruned {resolved} in {len(rounds)} round(s): sparsity {path}, {config.heal_steps} healing steps; "
+              f"checkpoint written to {out}")
+        return 0
     model, tokenizer, resolved = load_model(resolved)
     prune(model, config, calibration=args.calib_file, tokenizer=tokenizer, nsamples=args.nsamples,
           seqlen=args.calib_seqlen, seed=args.seed)
@@ -69,5 +86,16 @@ def add_cli(subparsers) -> None:
     p.add_argument("--score", default=weight("score"), choices=SCORES)
     p.add_argument("--pattern", default=weight("pattern"), choices=PATTERNS)
     p.add_argument("--scope", default=weight("scope"), choices=("layer", "global"))
+    p.add_argument("--rounds", type=positive_int, default=weight("rounds"),
+                   help="reach --sparsity in N prune -> heal rounds (gradual pruning; default 1: one-shot)")
+    p.add_argument("--heal-steps", type=int, default=weight("heal_steps"),
+                   help="LoRA + KD healing steps in all, split over the rounds, the input model as teacher "
+                        "(default 0: none)")
+    p.add_argument("--schedule", default=weight("schedule"), choices=SCHEDULES,
+                   help="sparsity after each round (default cubic: most of it early)")
+    p.add_argument("--rewind", action="store_true",
+                   help="lottery-ticket rewinding: the surviving weights go back to the input's values before "
+                        "each round's healing")
+    p.add_argument("--heal-lr", type=float, default=weight("heal_lr"), help="the healing's learning rate")
     add_run_flags(p, nsamples=64, seqlen=512)
     p.set_defaults(func=_cmd_prune)

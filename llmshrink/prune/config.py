@@ -7,11 +7,12 @@ import dataclasses
 from ..config import MethodConfig
 from ..errors import UsageError
 
-__all__ = ["LayerPruneConfig", "WeightPruneConfig", "CRITERIA", "SCORES", "PATTERNS"]
+__all__ = ["LayerPruneConfig", "WeightPruneConfig", "CRITERIA", "SCORES", "PATTERNS", "SCHEDULES"]
 
 CRITERIA = ("block_influence", "angular", "last")
 SCORES = ("magnitude", "wanda")
 PATTERNS = ("unstructured", "2:4")
+SCHEDULES = ("cubic", "linear")
 
 
 @dataclasses.dataclass
@@ -61,6 +62,19 @@ class WeightPruneConfig(MethodConfig):
         pattern: `unstructured`, or `2:4` (two of every four consecutive inputs kept).
         scope: `layer` (each output row of each linear pruned to the sparsity, Wanda's grouping)
             or `global` (one threshold over all pruned linears).
+        rounds: reach `sparsity` in this many prune -> heal rounds (gradual pruning, the
+            train-prune-fine-tune cycle); each round scores the healed model again and zeroes more.
+            1: one-shot pruning (then healed if heal_steps > 0).
+        heal_steps: LoRA + KD healing steps in all (`llmshrink.heal`, the unpruned input as teacher),
+            split evenly over the rounds; after each round's healing the adapter is merged and the
+            pruned weights are zeroed again, so the output stays a dense checkpoint with exact zeros.
+            0: no healing (rounds > 1 then only re-scores between rounds).
+        schedule: the sparsity after round r of R: `cubic` (Zhu & Gupta 2017: s (1 - (1 - r/R)^3),
+            most of it early, while the model has most to spare) or `linear` (s r / R).
+        rewind: lottery-ticket rewinding (Frankle & Carbin 2019; Renda et al. 2020): before each
+            round's healing the surviving weights go back to their values in the input model, so
+            only the mask carries over from round to round.
+        heal_lr: the healing's learning rate (LoRA, cosine schedule, 2 steps of warmup).
     """
 
     METHOD = "weight_prune"
@@ -70,9 +84,30 @@ class WeightPruneConfig(MethodConfig):
     score: str = "wanda"
     pattern: str = "unstructured"
     scope: str = "layer"
+    rounds: int = 1
+    heal_steps: int = 0
+    schedule: str = "cubic"
+    rewind: bool = False
+    heal_lr: float = 1e-3
 
     def needs_calibration(self) -> bool:
         return self.score == "wanda"  # magnitude reads the weights only
+
+    def gradual(self) -> bool:
+        """Whether this config runs prune -> heal rounds (more than a one-shot prune)."""
+        return self.rounds > 1 or self.heal_steps > 0
+
+    def round_sparsities(self) -> list[float]:
+        """The sparsity reached after each round, the last one `sparsity`."""
+        r = self.rounds
+        if self.schedule == "linear":
+            return [self.sparsity * (i + 1) / r for i in range(r)]
+        return [self.sparsity * (1 - (1 - (i + 1) / r) ** 3) for i in range(r)]
+
+    def round_steps(self) -> list[int]:
+        """Healing steps after each round: heal_steps split evenly, the remainder to the last rounds."""
+        base, extra = divmod(self.heal_steps, self.rounds)
+        return [base + (1 if i >= self.rounds - extra else 0) for i in range(self.rounds)]
 
     def validate(self) -> None:
         if not 0 <= self.sparsity < 1:
@@ -83,5 +118,21 @@ class WeightPruneConfig(MethodConfig):
             raise UsageError(f"pattern='{self.pattern}' is not known; use one of {', '.join(PATTERNS)}")
         if self.scope not in ("layer", "global"):
             raise UsageError(f"scope='{self.scope}' is not known; use 'layer' or 'global'")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise UsageError(f"rounds={self.rounds!r} is not a positive whole number; use 1 (one-shot) or more")
+        if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) or self.heal_steps < 0:
+            raise UsageError(f"heal_steps={self.heal_steps!r} is not a whole number >= 0; use 0 (no healing) or more")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"schedule='{self.schedule}' is not known; use one of {', '.join(SCHEDULES)}")
+        if self.heal_steps and self.heal_steps < self.rounds:
+            raise UsageError(f"heal_steps={self.heal_steps} leaves a round of {self.rounds} without healing; give "
+                             f"heal_steps >= rounds (e.g. {self.rounds * 12}) or 0")
+        if self.rewind and not self.heal_steps:
+            raise UsageError("rewind resets the surviving weights before healing, and heal_steps=0 heals nothing; "
+                             "give heal_steps, or drop rewind")
+        if self.rounds > 1 and self.pattern == "2:4":
+            raise UsageError("2:4 has one sparsity (50%), so it cannot be reached in rounds; use rounds=1")
+        if not self.heal_lr > 0:
+            raise UsageError(f"heal_lr={self.heal_lr} does not train; use a positive learning rate such as 1e-3")
         if self.pattern == "2:4" and self.scope == "global":
             raise UsageError("2:4 keeps two of every four weights everywhere; it has no global threshold, use scope='layer'")

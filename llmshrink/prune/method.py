@@ -9,11 +9,16 @@ from ..methods import Context, Method, register
 from .apply import prune, save_pruned
 from .cli import add_cli
 from .config import LayerPruneConfig, WeightPruneConfig
+from .gradual import gradual_prune
 
 __all__ = ["LAYER_PRUNE", "WEIGHT_PRUNE"]
 
 
 def run(source: str, config: LayerPruneConfig | WeightPruneConfig, out: Path, context: Context) -> None:
+    if isinstance(config, WeightPruneConfig) and config.gradual():
+        gradual_prune(source, config, out, seed=context.seed, progress=context.progress, overwrite=context.overwrite,
+                      **context.calibration_kwargs())
+        return
     model, tokenizer, _ = load_model(source)
     prune(model, config, tokenizer=tokenizer, seed=context.seed, progress=context.progress,
           **context.calibration_kwargs())
