@@ -7,7 +7,8 @@ elsewhere). A `Method` says:
 
 - `config`: its `MethodConfig` dataclass (its `METHOD` is the name recipes and records use);
 - `run(source, config, out, context)`: folder (or name) in, folder out, written whole;
-- `output`: the kind of folder it writes (a name in `llmshrink.formats`, or a function of the config);
+- `output`: the kind of folder it writes (a name in `llmshrink.formats`, or a function of the config
+  and the kind of its input);
 - `accepts`: the kinds of input it can take ("*": any); `check`: further order rules of its own;
 - `needs_calibration`: whether it draws windows from the recipe's calibration text;
 - `headline`: the config fields every plan line shows; `hub_tags`: the model card's tags (and
@@ -72,8 +73,8 @@ class Method:
     def name(self) -> str:
         return self.config.METHOD
 
-    def output_kind(self, config: MethodConfig) -> str:
-        return self.output(config) if callable(self.output) else self.output
+    def output_kind(self, config: MethodConfig, input_kind: str = "dense") -> str:
+        return self.output(config, input_kind) if callable(self.output) else self.output
 
     def calibrated(self, config: MethodConfig) -> bool:
         return self.needs_calibration(config) if callable(self.needs_calibration) else bool(self.needs_calibration)

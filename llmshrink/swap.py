@@ -82,11 +82,17 @@ def save_swapped(model, tokenizer, out: str | os.PathLike, quant_method: str | N
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if quant_method is not None:
-            path = tmp / "config.json"
-            config = json.loads(path.read_text())
-            config["quantization_config"] = {"quant_method": quant_method}
-            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            mark_swapped(tmp, quant_method)
     return out
+
+
+def mark_swapped(folder: Path, quant_method: str) -> None:
+    """Name `quant_method` in a saved folder's config.json (save_pretrained of a model loaded by
+    `load_swapped` writes none: its config lost the quantization_config at load)."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = {"quant_method": quant_method}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_swapped(folder: str | os.PathLike, install: Install, dtype: torch.dtype, what: str):

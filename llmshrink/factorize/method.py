@@ -98,7 +98,7 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=cli)
 
 
-def output(config: FactorizeConfig) -> str:
+def output(config: FactorizeConfig, input_kind: str = "dense") -> str:
     return "dense" if config.merge else "factorized"
 
 

@@ -7,12 +7,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import UsageError
+from ..factorize.format import QUANT_METHOD as FACTORIZED, load_factorized
 from ..gptq.load import load_quantized, quant_method
 from .adapters import lora_config
 from .config import HealConfig
 from .qlora import bnb_config, check_qlora_widths
 
-__all__ = ["heal_lora_config", "load_student", "load_teacher", "load_tokenizer", "quantization"]
+__all__ = ["FACTORIZED", "heal_lora_config", "load_student", "load_teacher", "load_tokenizer", "quantization"]
 
 
 def quantization(resolved: str) -> str | None:
@@ -26,8 +27,10 @@ def load_student(resolved: str, method: str) -> torch.nn.Module:
     quantized = quantization(resolved)
     if quantized == "gptq" and method == "lora":
         return load_quantized(resolved, dtype=torch.float32)
+    if quantized == FACTORIZED and method == "lora":  # its factors are ordinary linears: LoRA trains on each
+        return load_factorized(resolved, dtype=torch.float32)
     if quantized is not None:
-        fix = "use --method lora, which trains on its quantized weights" if quantized == "gptq" else \
+        fix = "use --method lora, which trains on its quantized weights" if quantized in ("gptq", FACTORIZED) else \
             "heal the unquantized model (--method qlora quantizes it itself)"
         raise UsageError(f"{resolved} is a {quantized} checkpoint, which --method {method} cannot train; {fix}")
     if method == "qlora":

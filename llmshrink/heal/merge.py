@@ -15,7 +15,8 @@ from ..errors import UsageError
 from ..io import atomic_dir, prepare_out
 from ..models import resolve_model
 from .adapters import load_adapter
-from .load import load_tokenizer, quantization
+from ..swap import mark_swapped
+from .load import FACTORIZED, load_tokenizer, quantization
 
 __all__ = ["NO_MERGE", "merge_adapter", "merge_into"]
 
@@ -34,6 +35,8 @@ def merge_into(resolved: str, trained, adapter: Path, method: str, dest: Path) -
         trained = PeftModel.from_pretrained(base, adapter)
     merged = trained.merge_and_unload()
     merged.save_pretrained(dest)
+    if quantization(resolved) == FACTORIZED:  # the adapter merged into both factors: still low-rank
+        mark_swapped(dest, FACTORIZED)
 
 
 def merge_adapter(model: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,

@@ -29,6 +29,12 @@ def check(config: HealConfig, input_kind: str, earlier: list, before: str) -> li
     return []
 
 
-HEAL = register(Method(config=HealConfig, run=run, output=lambda config: "dense" if config.merge else "adapter",
-                       accepts=("dense", "quantized"), check=check, headline=("adapter", "loss", "steps"),
+def output(config: HealConfig, input_kind: str = "dense") -> str:
+    """A merged heal keeps a factorized model factorized (the adapter merges into both factors)."""
+    if not config.merge:
+        return "adapter"
+    return "factorized" if input_kind == "factorized" else "dense"
+
+
+HEAL = register(Method(config=HealConfig, run=run, output=output, accepts=("dense", "quantized", "factorized"), check=check, headline=("adapter", "loss", "steps"),
                        hub_tags=("lora",), add_cli=add_cli))

@@ -44,7 +44,7 @@ from ..train.checkpoint import MODEL_FOLDER, checkpoint_dir, read_checkpoint
 from ..train.loop import Checkpoint, LoopConfig, setup_accelerator, train_loop
 from .adapters import ADAPTER_WEIGHTS, adapter_mismatch, add_lora
 from .config import RECORD, HealConfig
-from .load import heal_lora_config, load_student, load_teacher, load_tokenizer, quantization
+from .load import FACTORIZED, heal_lora_config, load_student, load_teacher, load_tokenizer, quantization
 from .losses import heal_loss
 from .merge import NO_MERGE, merge_into
 from .qlora import eval_mode
@@ -123,7 +123,7 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
 
     resolved = resolve_model(model)
     teacher_resolved = resolve_model(teacher) if config.loss != "ce" else None  # both found before any load
-    if config.merge and quantization(resolved) is not None:
+    if config.merge and quantization(resolved) not in (None, FACTORIZED):
         raise UsageError(NO_MERGE.format(model=resolved))
     tokenizer = load_tokenizer(resolved)
     student = load_student(resolved, config.adapter)

@@ -348,14 +348,24 @@ def check_order(recipe: Recipe, where: _Where | None = None) -> list[str]:
                     warnings.append(f"{where(at)}{name} {warning}")
             except UsageError as e:
                 raise where.error(at, f"{name} {e}") from None
-        kind, before = method.output_kind(step), name
+        kind, before = method.output_kind(step, kind), name
     return warnings
+
+
+def output_kinds(steps: list) -> list[str]:
+    """The kind of folder each step writes, each from its config and the kind before it."""
+    kinds, kind = [], "dense"
+    for step in steps:
+        kind = method_for(step).output_kind(step, kind)
+        kinds.append(kind)
+    return kinds
 
 
 def plan_lines(recipe: Recipe) -> list[str]:
     """Human-readable plan: one line per step with its method's headline fields and any other
     non-default ones."""
     out = [f"recipe {recipe.source}: {recipe.model} -> {recipe.out} (seed {recipe.seed})"]
+    kinds = output_kinds(recipe.steps)
     for i, step in enumerate(recipe.steps):
         method, default = method_for(step), type(step)()
         changed = {f.name: getattr(step, f.name) for f in dataclasses.fields(step)
@@ -365,7 +375,7 @@ def plan_lines(recipe: Recipe) -> list[str]:
         if method.calibrated(step):
             c = recipe.calibration
             calib = f"  [calibration: {c.source}, {c.nsamples} x {c.seqlen} tokens]"
-        out.append(f"  {i + 1}. {step.METHOD:<12} {settings}{calib}  -> {method.output_kind(step)}")
+        out.append(f"  {i + 1}. {step.METHOD:<12} {settings}{calib}  -> {kinds[i]}")
     if recipe.evaluate:
         e = recipe.evaluate
         scope = "the original and every step's output" if e.every_step else "the original and the final model"

@@ -35,7 +35,7 @@ from ..hub import EVAL_FILE, RECIPE_FILE
 from ..io import atomic_dir, atomic_write_json, fingerprint, fingerprint_change, prepare_out
 from ..methods import Context, method_for
 from ..models import resolve_model
-from .recipe import STATE_FILE, Recipe
+from .recipe import STATE_FILE, Recipe, output_kinds
 from .report import evaluate_run, final_label, write_report
 
 __all__ = ["RECIPE_FILE", "STATE_FILE", "run_recipe", "step_folder", "versions"]
@@ -161,7 +161,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
     state.setdefault("original_weight_bytes", _weight_bytes(resolve_model(recipe.model)))
     _write_state(out, state)
 
-    total = len(recipe.steps)
+    total, kinds = len(recipe.steps), output_kinds(recipe.steps)
     bar = tqdm(total=total, initial=done, desc="pipeline", unit="step", disable=not progress, position=0)
     src = recipe.model if done == 0 else str(step_folder(out, done - 1, recipe.steps[done - 1]))
     for i in range(done, total):
@@ -188,7 +188,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, overwrite: bool = False, pr
             raise Interrupted(f"the finished steps are kept in {out}: run the same recipe with --resume to continue, "
                               "or with --overwrite to start over") from None
         state["steps"].append({"method": step.METHOD, "config": step.to_dict(), "folder": str(dest.relative_to(out)),
-                               "kind": method.output_kind(step), "seconds": round(time.perf_counter() - started, 1),
+                               "kind": kinds[i], "seconds": round(time.perf_counter() - started, 1),
                                "weight_bytes": weight_bytes(dest)})
         state.pop("running")
         _write_state(out, state)

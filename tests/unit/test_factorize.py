@@ -5,6 +5,7 @@ cut at many ratios, each cut equal to a dedicated run without `sequential`."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import textwrap
@@ -507,3 +508,38 @@ def test_a_recipe_cuts_from_a_map_without_calibration(tiny, score_map, tmp_path)
     record = json.loads((final / "config.json").read_text())["llmshrink_factorize"]
     assert detect(final).name == "factorized" and record["scores"] == str(score_map)
     assert record["ranks"] == cut_in_memory(tiny, FactorizeConfig(ratio=0.7, scores=str(score_map)))[1]["ranks"]
+
+
+# ----------------------------------------------------------------------------- healing a factorized model
+
+def test_heal_trains_lora_on_both_factors_and_merges_into_a_factorized_folder(tiny, tmp_path):
+    from llmshrink.heal import HealConfig, heal
+
+    model, tokenizer, record = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
+    source = save_factorized(model, tokenizer, tmp_path / "f")
+    config = HealConfig(steps=3, seqlen=32, batch_size=2, rank=4, lora_alpha=8, warmup=1, nsamples=8, lr=1e-2,
+                        calibration=tiny["calib"])
+    adapter = heal(source, config, tmp_path / "adapter", teacher=tiny["base"], progress=False)
+    merged = heal(source, dataclasses.replace(config, merge=True), tmp_path / "merged",
+                  teacher=tiny["base"], progress=False)
+    names = set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"])
+    assert {"U", "V"} <= names  # the factors are the LoRA targets, not the dense linear they replaced
+    assert detect(merged).name == "factorized"
+    stored = json.loads((merged / "config.json").read_text())["llmshrink_factorize"]["ranks"]
+    assert stored == record["ranks"]  # merging LoRA into U and V keeps each rank
+    healed = fresh_logits(adapter, IDS, "llmshrink", tmp_path)
+    assert not torch.allclose(healed, logits(model), atol=1e-4)  # it trained
+    torch.testing.assert_close(fresh_logits(merged, IDS, "llmshrink", tmp_path), healed, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fresh_logits(merged, IDS, "transformers+llmshrink.factorize", tmp_path), healed,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_a_recipe_heals_a_factorized_step_and_keeps_it_factorized(tiny, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {tiny['base']}\nseed: 0\ncalibration: {{source: {tiny['calib']}, nsamples: 4, seqlen: 32}}\n"
+                    "steps:\n  - {method: factorize, ratio: 0.7}\n"
+                    f"  - {{method: heal, steps: 2, seqlen: 32, batch_size: 2, rank: 4, nsamples: 8, warmup: 1, "
+                    f"calibration: {tiny['calib']}, merge: true}}\nout: {tmp_path / 'run'}\n")
+    state = run_recipe(load_recipe(path), progress=False)
+    assert [s["kind"] for s in state["steps"]] == ["factorized", "factorized"]
+    assert detect(tmp_path / "run" / state["final"]).name == "factorized"
