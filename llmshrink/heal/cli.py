@@ -75,6 +75,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, help="held-out wiki perplexity every N steps (default 0: never)")
     p.add_argument("--save-every", type=int, help="checkpoint into OUT.checkpoint every N steps (default 0: never)")
     p.add_argument("--seed", type=int, help=f"seed of the windows and the LoRA init (default {d.seed})")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training time, the schedule unchanged "
+                                                     "(default: none)")
     p.add_argument("--merge", action="store_true", default=None,
                    help="write the merged full model to OUT (the adapter goes to OUT/adapter)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")

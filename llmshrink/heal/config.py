@@ -51,6 +51,7 @@ class HealConfig(MethodConfig):
     eval_windows: int = 8  # and at most this many windows scored
     save_every: int = 0  # checkpoint into OUT.checkpoint every N steps; 0: never
     merge: bool = False  # OUT: a merged full checkpoint (adapter in OUT/adapter) instead of the adapter
+    max_minutes: float | None = None  # stop early after this much training time (the schedule is unchanged)
 
     def validate(self) -> None:
         checks = [
@@ -76,6 +77,8 @@ class HealConfig(MethodConfig):
              f"eval_docs={self.eval_docs}, eval_windows={self.eval_windows}, eval_seqlen={self.eval_seqlen} "
              "score nothing; use eval_docs >= 1, eval_windows >= 1, eval_seqlen >= 2"),
             (self.save_every >= 0, f"save_every={self.save_every} is negative; use 0 (never) or more"),
+            (self.max_minutes is None or self.max_minutes > 0,
+             f"max_minutes={self.max_minutes} stops before the first step; use a positive number or None"),
         ]
         for ok, message in checks:
             if not ok:

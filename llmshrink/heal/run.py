@@ -169,7 +169,7 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
             "inputs": inputs}
     loop = LoopConfig(steps=config.steps, lr=config.lr, warmup=config.warmup, schedule=config.schedule,
                       grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm,
-                      eval_every=config.eval_every, save_every=config.save_every)
+                      eval_every=config.eval_every, save_every=config.save_every, max_minutes=config.max_minutes)
     result = train_loop(accelerator, peft_model, optimizer, loop, batch,
                         lambda m, x: _micro_batch_loss(m, teacher_model, x, config),  # looked up per call: a test seam
                         evaluate, Checkpoint(ckpt, meta, resume=state), desc=f"heal ({config.adapter})",
