@@ -1,0 +1,80 @@
+"""factorize, width_prune and share on the default model: each output loads in a fresh process with
+the in-memory model's logits, and each beats its naive baseline on held-out wiki text."""
+
+import pytest
+import torch
+
+from llmshrink import load_model
+from llmshrink.evals import load_corpus, perplexity_of_ids
+from llmshrink.factorize import FactorizeConfig, factorize, save_factorized
+from llmshrink.share import ShareConfig, save_shared, share
+from llmshrink.width_prune import WidthPruneConfig, width_prune
+
+from conftest import fresh_logits
+
+pytestmark = pytest.mark.real
+
+CALIB = dict(nsamples=8, seqlen=256, progress=False)  # small calibration: these are load-and-sanity checks
+
+
+@pytest.fixture(scope="module")
+def held_out(real_model):
+    _, tokenizer, _ = real_model
+    return torch.tensor(tokenizer(load_corpus("wiki", limit=40)).input_ids[: 4 * 256])
+
+
+def ppl(model, ids) -> float:
+    with torch.inference_mode():
+        return perplexity_of_ids(model, ids, seqlen=256, protocol="gptq").ppl
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_factorize_whitened_beats_plain_svd_and_loads_in_a_fresh_process(real_model, held_out, tmp_path):
+    _, tokenizer, resolved = real_model
+    ids = held_out[None, :64]
+    whitened, _, _ = load_model(resolved)
+    factorize(whitened, FactorizeConfig(ratio=0.9), tokenizer=tokenizer, **CALIB)
+    plain, _, _ = load_model(resolved)
+    factorize(plain, FactorizeConfig(ratio=0.9, whiten=False, allocate="uniform"), **CALIB)
+    a, b = ppl(whitened, held_out), ppl(plain, held_out)
+    assert a < 0.5 * b, f"whitened + allocated {a:.1f} is not well below plain SVD's {b:.1f}"
+    out = save_factorized(whitened, tokenizer, tmp_path / "f")
+    torch.testing.assert_close(fresh_logits(out, ids, "llmshrink", tmp_path), logits(whitened, ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_width_prune_output_is_a_plain_checkpoint_with_the_in_memory_logits(real_model, held_out, tmp_path):
+    original, tokenizer, resolved = real_model
+    ids = held_out[None, :64]
+    model, _, _ = load_model(resolved)
+    record = width_prune(model, WidthPruneConfig(ratio=0.8), tokenizer=tokenizer, **CALIB)
+    assert model.config.intermediate_size < original.config.intermediate_size
+    pruned, base = ppl(model, held_out), ppl(original, held_out)
+    assert pruned < 4 * base, f"width-pruned perplexity {pruned:.1f} is over 4x the original's {base:.1f}"
+    model.save_pretrained(tmp_path / "w")
+    tokenizer.save_pretrained(tmp_path / "w")
+    torch.testing.assert_close(fresh_logits(tmp_path / "w", ids, "transformers", tmp_path), logits(model, ids),
+                               rtol=1e-4, atol=1e-4)  # plain transformers, llmshrink not imported
+    assert record
+
+
+def test_weighted_sharing_beats_rtn_at_3_bits_and_loads_in_a_fresh_process(real_model, held_out, tmp_path):
+    import llmshrink
+    from llmshrink import RTNConfig
+
+    _, tokenizer, resolved = real_model
+    ids = held_out[None, :64]
+    shared, _, _ = load_model(resolved)
+    share(shared, ShareConfig(bits=3), tokenizer=tokenizer, **CALIB)
+    folder = llmshrink.compress(resolved, RTNConfig(bits=3, group_size=128, clip_search=False), tmp_path / "rtn",
+                                progress=False)
+    rtn = llmshrink.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    a, b = ppl(shared, held_out), ppl(rtn, held_out)
+    assert a < b, f"3-bit sharing {a:.1f} does not beat 3-bit RTN {b:.1f}"
+    out = save_shared(shared, tokenizer, tmp_path / "s")
+    torch.testing.assert_close(fresh_logits(out, ids, "llmshrink", tmp_path), logits(shared, ids),
+                               rtol=1e-4, atol=1e-4)
