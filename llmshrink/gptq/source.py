@@ -35,6 +35,12 @@ def empty_model(folder: Path):
     if getattr(config, "quantization_config", None):
         method = config.quantization_config.get("quant_method", "?") if isinstance(config.quantization_config, dict) \
             else getattr(config.quantization_config, "quant_method", "?")
+        if method == "llmshrink_factorized":
+            raise UsageError(f"{folder} stores low-rank factors, which GPTQ does not quantize yet; factorize with "
+                             "--merge (a dense model) and quantize that")
+        if method == "llmshrink_shared":
+            raise UsageError(f"{folder} is already weight-shared (codes and codebooks); quantize the original "
+                             "full-precision model")
         raise UsageError(f"{folder} is already quantized ({method}); quantize the original full-precision model")
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

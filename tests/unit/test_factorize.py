@@ -543,3 +543,12 @@ def test_a_recipe_heals_a_factorized_step_and_keeps_it_factorized(tiny, tmp_path
     state = run_recipe(load_recipe(path), progress=False)
     assert [s["kind"] for s in state["steps"]] == ["factorized", "factorized"]
     assert detect(tmp_path / "run" / state["final"]).name == "factorized"
+
+
+def test_gptq_on_a_factorized_folder_is_refused_with_the_way_round(tiny, tmp_path, capsys):
+    model, tokenizer, _ = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
+    source = save_factorized(model, tokenizer, tmp_path / "f")
+    assert cli_main(["quantize", "--model", str(source), "--calib-file", tiny["calib"], "--nsamples", "4",
+                     "--calib-seqlen", "32", "--out", str(tmp_path / "q")]) == 2
+    assert "stores low-rank factors, which GPTQ does not quantize yet; factorize with --merge" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
