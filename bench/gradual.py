@@ -69,9 +69,14 @@ def main() -> None:
         "gradual-rewind": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, rewind=True),
         "gradual-linear": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, schedule="linear"),
     }
+    names = args.rows.split(",")
     result = {"model": args.model, "original_ppl": ppl_of(source, ids, 512), "rows": []}
+    if args.json and Path(args.json).exists():  # rerunning some rows keeps the others (same settings only)
+        kept = json.loads(Path(args.json).read_text())
+        same = lambda row: row["config"] == configs.get(row["row"], WeightPruneConfig()).to_dict()  # noqa: E731
+        result["rows"] = [row for row in kept.get("rows", []) if row["row"] not in names and same(row)]
     print(f"original ppl {result['original_ppl']:.3f}", flush=True)
-    for name in args.rows.split(","):
+    for name in names:
         config = configs[name]
         started = time.perf_counter()
         out = llmshrink.compress(source, config, work / name, calibration=calibration, overwrite=True, progress=False)
