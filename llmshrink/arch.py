@@ -84,18 +84,29 @@ def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleL
     return layers
 
 
-def layer_linears(layer: nn.Module, spec: ArchSpec) -> list[list[tuple[str, nn.Linear]]]:
-    """The linears of one decoder layer as steps of (name, module), checked to exist."""
+def layer_linears(layer: nn.Module, spec: ArchSpec, factors: bool = False) -> list[list[tuple[str, nn.Linear]]]:
+    """The linears of one decoder layer as steps of (name, module), checked to exist.
+
+    With `factors`, a module of linears applied in sequence (it names them in `SEQUENCE`, as the
+    factorized linear y = U(V(x)) does: ("V", "U")) stands in as those linears: the first
+    (`<name>.V`) joins its step, since it reads the step's input, and each later one, which reads
+    the one before's output, is a step of its own right after."""
     steps = []
     for step in spec.sequential:
-        found = []
+        found, after = [], []
         for name in step:
             module = layer.get_submodule(name)
+            sequence = getattr(module, "SEQUENCE", None) if factors else None
+            if sequence:
+                first, *rest = sequence
+                found.append((f"{name}.{first}", module.get_submodule(first)))
+                after += [[(f"{name}.{child}", module.get_submodule(child))] for child in rest]
+                continue
             if not isinstance(module, nn.Linear):
                 raise UsageError(f"{name} is a {type(module).__name__}, not nn.Linear; the architecture "
                                  "table does not fit this model")
             found.append((name, module))
-        steps.append(found)
+        steps += [found, *after]
     return steps
 
 

@@ -29,8 +29,11 @@ QUANT_METHOD = "llmshrink_factorized"
 
 
 def factor_ranks(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-    """Module name -> rank, for every `<name>.V.weight` among the checkpoint's (model-named) tensors."""
-    return {key[: -len(".V.weight")]: shape[0] for key, shape in shapes.items() if key.endswith(".V.weight")}
+    """Module name -> rank, for every `<name>.V.weight` [rank, in] among the checkpoint's
+    (model-named) tensors, and every GPTQ-quantized V factor `<name>.V.qweight` [in * bits / 32, rank]."""
+    ranks = {key[: -len(".V.weight")]: shape[0] for key, shape in shapes.items() if key.endswith(".V.weight")}
+    ranks.update({key[: -len(".V.qweight")]: shape[1] for key, shape in shapes.items() if key.endswith(".V.qweight")})
+    return ranks
 
 
 def install_from_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:

@@ -8,11 +8,14 @@ from torch import nn
 
 from ..swap import set_module, swap_linear
 
-__all__ = ["FactorizedLinear", "factorized_modules", "install_factorized", "merge_factorized", "set_module"]
+__all__ = ["FactorizedLinear", "factorized_modules", "install_factorized", "merge_factorized", "pad_rank",
+           "set_module"]
 
 
 class FactorizedLinear(nn.Module):
     """y = U(V(x)): V [rank, in] without bias, then U [out, rank] with the original linear's bias."""
+
+    SEQUENCE = ("V", "U")  # its linears in the order they apply (how arch.layer_linears lists them)
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
@@ -46,6 +49,22 @@ class FactorizedLinear(nn.Module):
             if self.U.bias is not None:
                 dense.bias.copy_(self.U.bias)
         return dense
+
+    def pad_rank(self, multiple: int) -> int:
+        """Grow the rank to a multiple of `multiple` with zero rows of V and zero columns of U (the
+        product, hence the output, is unchanged; GPTQ packs 32-bit words of codes along both the
+        rank and the other width). Returns the new rank."""
+        rank = -(-self.rank // multiple) * multiple
+        if rank == self.rank:
+            return rank
+        with torch.no_grad():
+            v, u = self.V.weight, self.U.weight
+            grown_v = torch.zeros(rank, self.in_features, dtype=v.dtype, device=v.device)
+            grown_u = torch.zeros(self.out_features, rank, dtype=u.dtype, device=u.device)
+            grown_v[: self.rank], grown_u[:, : self.rank] = v, u
+        self.V.weight, self.U.weight = nn.Parameter(grown_v, False), nn.Parameter(grown_u, False)
+        self.V.out_features = self.U.in_features = self.rank = rank
+        return rank
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

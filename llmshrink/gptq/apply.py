@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
 from ..errors import Interrupted, UsageError
+from ..factorize.modules import factorized_modules
 from ..io import prepare_out
 from ..safetensors_io import TensorIndex
 from .compat import vllm_limits, whole_group_size
@@ -33,7 +34,7 @@ from .layers import fp_forward, head_of, quantize_head, quantize_layer
 from .passes import BATCH, calib_dtype, capture_first_inputs
 from .plan import MIXED_FILE, plan_mixed_precision
 from .resume import PartialRun, run_identity
-from .source import all_linears, check_finite, empty_model, load_into, load_outside_layers
+from .source import all_linears, check_factorized_source, check_finite, empty_model, factor_multiple, load_into, load_outside_layers, pad_factors
 from .write import FORMAT_FILES, checkpoint_key, quantization_config, stored_desc_act, write_checkpoint
 
 __all__ = ["FORMAT_FILES", "MIXED_FILE", "quantize_checkpoint"]
@@ -62,9 +63,12 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     source, out = Path(source), Path(out)
     calib_info = calib_info or {}
     prepare_out(out, overwrite)
+    check_factorized_source(source, config)
     index = TensorIndex(source)
     check_finite(index)
-    model = empty_model(source)
+    model = empty_model(source, index)
+    factors = {name: -(-m.rank // factor_multiple(config, name)) * factor_multiple(config, name)
+               for name, m in factorized_modules(model).items()}  # name -> rank as stored (padded to pack)
     if config.lm_head and head_of(model) is None:
         raise UsageError(f"{source} has no linear output head to quantize; leave lm_head off")
     check_embedding(model, config)
@@ -75,14 +79,14 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     load_outside_layers(model, source, index, key_of, layer_prefix)
     _check_dynamic(config, model, layers, spec, layer_prefix)
     requested_group_size = config.group_size
-    config = _whole_groups(config, model, layers, spec, layer_prefix)
+    config = _whole_groups(config, model, layers, spec, layer_prefix, factors)
     dtype = calib_dtype(config)
     calib_info = {**calib_info, "dtype": str(dtype).removeprefix("torch.")}
     mixed = None
     if config.target_bits is not None:
         config, mixed = plan_mixed_precision(source, config, model, layers, spec, layer_prefix, index, key_of, calib,
                                          dtype, calib_info, sensitivity, progress)
-    vllm = _vllm_verdict(config, model, layers, spec, layer_prefix)
+    vllm = _vllm_verdict(config, model, layers, spec, layer_prefix, factors)
     run = PartialRun(out, run_identity(source, config, calib_info, calib))
     if run.done:
         logger.info("resuming after layer %d of %d", run.done, len(layers))
@@ -107,6 +111,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
             prefix = f"{layer_prefix}{i}."
             load_into(layer, prefix, index, key_of)
             index.release()
+            pad_factors(layer, prefix, config)
             tensors, stats, outputs, tuple_output, fp_outputs = quantize_layer(layer, prefix, spec, inputs, config,
                                                                                dtype, fp_inputs)
             if needs_h:
@@ -145,6 +150,8 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
         all_stats.update(run.layer_stats(i))
     tensors = {checkpoint_key(name, key_of): t for name, t in tensors.items()}
     qc = quantization_config(config, calib_info, all_stats, requested_group_size, vllm)
+    if factors:
+        qc["llmshrink"]["factorized"] = {"ranks": factors}
     extra = {}
     if mixed is not None:
         qc["llmshrink"]["mixed_precision"] = {k: mixed[k] for k in ("target_bits", "achieved_bits", "criterion")}
@@ -163,11 +170,14 @@ def _quantized_linears(config: GPTQConfig, model, layers, spec, layer_prefix: st
             if name != skipped and config.for_module(name) is not None}
 
 
-def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> GPTQConfig:
-    """`config` with a group size that gives every linear whole groups (see GPTQConfig.group_size)."""
+def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str, factors: dict) -> GPTQConfig:
+    """`config` with a group size that gives every linear whole groups (see GPTQConfig.group_size).
+    The U factors of factorized linears (their inputs as wide as their rank) may keep a partial
+    last group: only llmshrink reads such a checkpoint, and its loader reads partial groups."""
     if config.partial_groups:
         return config
     linears = _quantized_linears(config, model, layers, spec, layer_prefix)
+    linears = {name: v for name, v in linears.items() if name.removesuffix(".U") not in factors}
     widths = [n for mconf, n in linears.values() if mconf.group_size == config.group_size]
     size = whole_group_size(config.group_size, widths)
     if size != config.group_size:
@@ -179,13 +189,17 @@ def _whole_groups(config: GPTQConfig, model, layers, spec, layer_prefix: str) ->
     return config
 
 
-def _vllm_verdict(config: GPTQConfig, model, layers, spec, layer_prefix: str) -> dict:
+def _vllm_verdict(config: GPTQConfig, model, layers, spec, layer_prefix: str, factors: dict) -> dict:
     """vLLM's verdict on the checkpoint `config` writes ({"gpu": why not or None, "cpu": ...}),
     said in one warning line before any work."""
     linears = _quantized_linears(config, model, layers, spec, layer_prefix)
     modules = {name: (m.bits, m.group_size, m.sym, n) for name, (m, n) in linears.items()}
     verdict = {backend: vllm_limits(modules, stored_desc_act(config), cpu=backend == "cpu", embed_bits=config.embed_bits)
                for backend in ("gpu", "cpu")}
+    if factors:
+        verdict = dict.fromkeys(verdict, "its linears are stored as two quantized low-rank factors each, which vLLM and "
+                                "GPTQModel do not read (llmshrink does); quantize a merged model (factorize --merge) "
+                                "for them")
     if verdict["gpu"]:
         logger.warning("vLLM will not serve this checkpoint: %s", verdict["gpu"])
     elif verdict["cpu"]:

@@ -1,6 +1,7 @@
 """The GPTQ checkpoint format: a standard GPTQ folder (`quantization_config.quant_method: gptq`)
 loads into QuantLinear modules; its card offers `vllm serve` where llmshrink judged vLLM can, and
-names the readers of a checkpoint whose input embedding is quantized (only llmshrink's)."""
+names the readers of a checkpoint whose input embedding is quantized, or whose linears are low-rank
+factors (only llmshrink's)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,13 @@ def _load(folder: Path, request: LoadRequest):
 
 
 def _describe(folder: Path) -> tuple[str, list[str]]:
-    return "transformers", ["gptq", f"{quantization_config(folder)['bits']}-bit"]
+    qc = quantization_config(folder)
+    return "transformers", ["gptq", f"{qc['bits']}-bit"] + (["low-rank"] if _factors(qc.get("llmshrink", {})) else [])
+
+
+def _factors(record: dict) -> dict:
+    """Factorized linear -> stored rank, for a GPTQ checkpoint of a factorized model (else empty)."""
+    return (record.get("factorized") or {}).get("ranks") or {}
 
 
 def _card_lines(folder: Path, repo_id: str) -> list[str]:
@@ -69,6 +76,11 @@ def _width_lines(folder: Path, record: dict) -> list[str]:
 
 def _reader_lines(record: dict, repo_id: str) -> list[str]:
     """Which tools read the checkpoint."""
+    if _factors(record):
+        return ["", f"It is a GPTQ checkpoint of a factorized model: {len(_factors(record))} linears are stored as "
+                "two quantized low-rank factors each (`<name>.V`, `<name>.U`). llmshrink "
+                "(`llmshrink.AutoModelForCausalLM.from_pretrained`) and transformers after `import llmshrink` load "
+                "it; GPTQModel and vLLM do not read low-rank factors."]
     embedding = next(((name, m) for name, m in (record.get("modules") or {}).items() if m.get("embedding")), None)
     if embedding is not None:
         return _quantized_embedding_lines(*embedding)

@@ -43,7 +43,7 @@ def quantize_layer(layer, prefix: str, spec, inputs, config: GPTQConfig, dtype: 
     per-module stats, the layer's outputs for the calibration inputs, empty when no activations
     are needed, whether the layer returns them in a tuple, and the full-precision layer's outputs
     for `fp_inputs`, empty without them)."""
-    steps = layer_linears(layer, spec)
+    steps = layer_linears(layer, spec, factors=True)  # a factorized linear's V and U are quantized in turn
     needs_h = config.needs_activations
     masters = {name: p.data for name, p in layer.named_parameters()}  # float32, what is quantized and saved
     for p in layer.parameters():

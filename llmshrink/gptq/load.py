@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..arch import checkpoint_names
 from ..errors import UsageError
+from ..factorize.format import install_from_shapes
 from ..kernels import prepare_kernels
 from ..kernels.cpu import native_bf16_cpu
 from ..safetensors_io import TensorIndex
@@ -96,7 +97,8 @@ def read_quantization_config(folder: str | os.PathLike) -> dict:
 
 
 def replace_quantized(model: nn.Module, shapes: dict[str, tuple[int, ...]], qc: dict, dtype: torch.dtype) -> list[str]:
-    """Swap in a QuantLinear for every nn.Linear that the checkpoint holds quantized, a
+    """Swap in a QuantLinear for every nn.Linear that the checkpoint holds quantized (first a
+    FactorizedLinear for every linear stored as two factors, whose V and U are then swapped), a
     QuantEmbedding for a quantized input embedding, and, for a head that shares that embedding
     (recorded under `qc["llmshrink"]["modules"]`), a QuantLinear tied to it (`QuantLinear.tie_to`;
     tie again with `retie_heads` once the weights are loaded).
@@ -110,6 +112,7 @@ def replace_quantized(model: nn.Module, shapes: dict[str, tuple[int, ...]], qc: 
         The names of the replaced modules.
     """
     records = (qc.get("llmshrink") or {}).get("modules") or {}
+    install_from_shapes(model, shapes, dtype)  # linears stored as low-rank factors (`<name>.V.*`, `<name>.U.*`)
     names = []
     for key in [k for k in shapes if k.endswith(".qweight")]:
         name = key[: -len(".qweight")]

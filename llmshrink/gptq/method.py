@@ -22,8 +22,9 @@ def needs_calibration(config: GPTQConfig) -> bool:
     return config.needs_activations or config.target_bits is not None  # Hessians, range search or sensitivity
 
 
-GPTQ = register(Method(config=GPTQConfig, run=run, output="quantized", needs_calibration=needs_calibration,
+GPTQ = register(Method(config=GPTQConfig, run=run, output="quantized", accepts=("dense", "factorized"),
+                       needs_calibration=needs_calibration,
                        headline=("bits", "group_size"), hub_tags=("gptq",), add_cli=add_cli))
-RTN = register(Method(config=RTNConfig, run=run, output="quantized",
+RTN = register(Method(config=RTNConfig, run=run, output="quantized", accepts=("dense", "factorized"),
                       needs_calibration=needs_calibration,
                       headline=("bits", "group_size"), hub_tags=("rtn",)))

@@ -19,6 +19,7 @@ from ..rotate.config import RotateConfig
 from ..rotate.method import rotate_folder
 from .apply import quantize_checkpoint
 from .config import GPTQConfig
+from .source import check_factorized_source
 
 __all__ = ["quantize", "quantize_checkpoint"]
 
@@ -53,6 +54,7 @@ def quantize(model, config: GPTQConfig, out: str | os.PathLike, calibration: str
             tokenizer_source = str(source)
             if not source.is_dir():
                 source = Path(snapshot_download(str(model), local_files_only=True))
+        check_factorized_source(source, config)
         check_seqlen(AutoConfig.from_pretrained(source, trust_remote_code=False),
                      calibration.shape[1] if isinstance(calibration, torch.Tensor) else seqlen)
         tokenizer = None if isinstance(calibration, torch.Tensor) else load_tokenizer(tokenizer_source)

@@ -283,9 +283,9 @@ def test_a_recipe_step_factorizes_and_later_steps_need_a_merged_model(tiny, tmp_
                         f"seqlen: 32}}\nsteps:\n{textwrap.dedent(steps)}out: {out}\n")
         return path
 
-    with pytest.raises(UsageError, match=r"steps\[1\] \(rtn\) cannot follow steps\[0\] \(factorize\): its linears are "
-                                         r"stored as low-rank factors; set merge: true"):
-        load_recipe(recipe("  - {method: factorize}\n  - {method: rtn, bits: 8, clip_search: false}\n", tmp_path / "x"))
+    with pytest.raises(UsageError, match=r"steps\[1\] \(weight_prune\) cannot follow steps\[0\] \(factorize\): its "
+                                         r"linears are stored as low-rank factors; set merge: true"):
+        load_recipe(recipe("  - {method: factorize}\n  - {method: weight_prune, sparsity: 0.5}\n", tmp_path / "x"))
     state = run_recipe(load_recipe(recipe("""\
           - {method: factorize, ratio: 0.7, merge: true}
           - {method: rtn, bits: 8, group_size: -1, clip_search: false}
@@ -545,10 +545,55 @@ def test_a_recipe_heals_a_factorized_step_and_keeps_it_factorized(tiny, tmp_path
     assert detect(tmp_path / "run" / state["final"]).name == "factorized"
 
 
-def test_gptq_on_a_factorized_folder_is_refused_with_the_way_round(tiny, tmp_path, capsys):
+def test_gptq_quantizes_both_factors_and_the_checkpoint_loads_in_a_fresh_process(tiny, tmp_path):
+    """GPTQ sees each factorized linear as its two factors (V with its step, U a step of its own),
+    pads the rank with zeros to what 4-bit packing needs, and writes a GPTQ folder that llmshrink
+    and transformers after `import llmshrink` load with the same logits."""
+    from safetensors import safe_open
+
+    from llmshrink import GPTQConfig
+
+    model, tokenizer, record = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
+    source = save_factorized(model, tokenizer, tmp_path / "f")
+    out = llmshrink.quantize(str(source), GPTQConfig(bits=4, group_size=32), tmp_path / "q", calibration=tiny["calib"],
+                             nsamples=4, seqlen=32, progress=False)
+    assert detect(out).name == "quantized"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    stored = qc["llmshrink"]["factorized"]["ranks"]
+    assert set(stored) == set(record["ranks"])
+    assert all(stored[n] % 8 == 0 and 0 <= stored[n] - r < 8 for n, r in record["ranks"].items())
+    assert qc["llmshrink"]["vllm_servable"] is False and "low-rank factors" in qc["llmshrink"]["vllm_limit"]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for name in record["ranks"]:
+        assert {f"{name}.V.qweight", f"{name}.U.qweight"} <= keys and not any(k.startswith(f"{name}.weight") for k in keys)
+    loaded = llmshrink.AutoModelForCausalLM.from_pretrained(out)  # the default load dtype, as the fresh loads
+    name = next(iter(record["ranks"]))
+    module = loaded.get_submodule(name)
+    assert isinstance(module, FactorizedLinear) and module.rank == stored[name]
+    dense = model.get_submodule(name)
+    V = module.V.dequantized_weight().float()
+    assert V.shape == (stored[name], dense.in_features)
+    assert (V[record["ranks"][name]:] == 0).all()  # the padded rows stay zero
+    expected = logits(loaded)
+    torch.testing.assert_close(fresh_logits(out, IDS, "llmshrink", tmp_path), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fresh_logits(out, IDS, "transformers+llmshrink", tmp_path), expected, atol=1e-4,
+                               rtol=1e-4)
+    # 4-bit factors stay close to the factorized model: far closer than the factorized model is to random logits
+    factorized = logits(model)
+    err = (expected.float() - factorized).norm() / factorized.norm()
+    assert err < 0.25 * ((factorized - factorized.roll(1, dims=-1)).norm() / factorized.norm())
+
+
+def test_gptq_on_a_factorized_folder_refuses_what_needs_dense_linears(tiny, tmp_path, capsys):
     model, tokenizer, _ = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
     source = save_factorized(model, tokenizer, tmp_path / "f")
+    capsys.readouterr()
     assert cli_main(["quantize", "--model", str(source), "--calib-file", tiny["calib"], "--nsamples", "4",
-                     "--calib-seqlen", "32", "--out", str(tmp_path / "q")]) == 2
-    assert "stores low-rank factors, which GPTQ does not quantize yet; factorize with --merge" in capsys.readouterr().err
+                     "--calib-seqlen", "32", "--target-bits", "4", "--out", str(tmp_path / "q")]) == 2
+    assert cli_main(["quantize", "--model", str(source), "--bits", "4", "--rotate", "hadamard", "--out",
+                     str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is factorized: give --bits, or quantize a merged model" in err[-2]
+    assert "rotates dense linears" in err[-1] and "is factorized: quantize it without rotate" in err[-1]
     assert not (tmp_path / "q").exists()
