@@ -7,7 +7,8 @@ number of decoder layers whose bytes come closest to what width pruning removed;
 keeps --ratio of the decoder linears' parameters (a cut of --scores, a map from `factorize
 --save-scores`, or a dedicated run without one). Each is then healed with LoRA + KD from the
 original for --heal-minutes at most (`llmshrink heal`, --heal-steps steps of 4 x 256 tokens, the
-cosine schedule over the steps; the training seconds are printed). Every model is scored on the
+cosine schedule over the steps; the training seconds are printed), or with --heal-method full with
+every weight trained. Every model is scored on the
 same held-out wiki windows (the corpus's first passages; calibration and healing text come from
 the other half).
 
@@ -62,6 +63,9 @@ def main() -> None:
     parser.add_argument("--scores", default=None, help="a factorize score map of --model (default: a dedicated run)")
     parser.add_argument("--heal-steps", type=int, default=40)
     parser.add_argument("--heal-minutes", type=float, default=5.0)
+    parser.add_argument("--heal-method", default="lora", choices=("lora", "full"),
+                        help="LoRA (merged) or every weight trained (`heal --method full`)")
+    parser.add_argument("--heal-lr", type=float, default=None, help="default: 1e-3 for lora, 1e-4 for full")
     parser.add_argument("--rows", default="width,layers,factorize")
     parser.add_argument("--work", default=None)
     parser.add_argument("--json", default=None)
@@ -73,8 +77,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     calibration = Calibration(source="wiki", nsamples=args.nsamples, seqlen=512)
     ids = held_out_ids(tokenizer, args.eval_windows, 512)
-    heal_config = HealConfig(loss="ce+kd", steps=args.heal_steps, lr=1e-3, warmup=2, seqlen=256, batch_size=4,
-                             nsamples=4 * args.heal_steps, merge=True, max_minutes=args.heal_minutes)
+    lr = args.heal_lr or (1e-3 if args.heal_method == "lora" else 1e-4)
+    heal_config = HealConfig(adapter=args.heal_method, loss="ce+kd", steps=args.heal_steps, lr=lr, warmup=2,
+                             seqlen=256, batch_size=4, nsamples=4 * args.heal_steps, merge=args.heal_method == "lora",
+                             max_minutes=args.heal_minutes)
     original = {"row": "original", "bytes": weight_bytes(source), "ppl": ppl_of(source, ids, 512)}
     result = {"model": args.model, "ratio": args.ratio, "eval_windows": args.eval_windows,
               "heal": heal_config.to_dict(), "rows": [original]}

@@ -41,7 +41,7 @@ def _cmd_heal(args: argparse.Namespace) -> int:
         ppl = f"; held-out ppl {record['evals'][0]['ppl']:.2f} -> {record['evals'][-1]['ppl']:.2f}" \
             if record["evals"] else ""
         print(f"healed in {record['train_seconds']:.0f} s, loss {record['loss_first']:.3f} -> "
-              f"{record['loss_last']:.3f}{ppl}; {'merged model' if config.merge else 'adapter'} written to {out}")
+              f"{record['loss_last']:.3f}{ppl}; {'model' if config.writes_model else 'adapter'} written to {out}")
     return 0
 
 
@@ -54,7 +54,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="the pruned model: folder (with tokenizer) or packaged name")
     p.add_argument("--teacher", help="the original model, for --loss kd or ce+kd (same tokenizer)")
     p.add_argument("--out", required=True, help="folder to write: the adapter, or with --merge the merged model")
-    p.add_argument("--method", dest="adapter", help=f"lora or qlora (NF4 base) (default {d.adapter})")
+    p.add_argument("--method", dest="adapter", help=f"lora, qlora (NF4 base) or full (every weight trained; writes the model) (default {d.adapter})")
     p.add_argument("--loss", help=f"ce, kd or ce+kd (default {d.loss})")
     p.add_argument("--alpha", type=float, help=f"ce+kd: alpha * KD + (1 - alpha) * CE (default {d.alpha})")
     p.add_argument("--temperature", type=float, help=f"distillation temperature (default {d.temperature})")

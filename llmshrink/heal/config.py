@@ -11,7 +11,7 @@ from ..train.schedule import SCHEDULES
 __all__ = ["ADAPTERS", "LOSSES", "RECORD", "HealConfig"]
 
 RECORD = "llmshrink_heal.json"
-ADAPTERS = ("lora", "qlora")
+ADAPTERS = ("lora", "qlora", "full")
 LOSSES = ("ce", "kd", "ce+kd")
 
 
@@ -26,7 +26,7 @@ class HealConfig(MethodConfig):
     METHOD = "heal"
     VERSION = 1
 
-    adapter: str = "lora"  # lora: fp32 base; qlora: NF4 base (`--method` on the command line)
+    adapter: str = "lora"  # lora: fp32 base; qlora: NF4 base; full: every weight trained (`--method`)
     loss: str = "ce+kd"  # ce, kd or ce+kd (kd needs a teacher)
     alpha: float = 0.5  # ce+kd: alpha * KD + (1 - alpha) * CE
     temperature: float = 2.0  # KD temperature T; the KL is multiplied by T^2
@@ -53,6 +53,11 @@ class HealConfig(MethodConfig):
     merge: bool = False  # OUT: a merged full checkpoint (adapter in OUT/adapter) instead of the adapter
     max_minutes: float | None = None  # stop early after this much training time (the schedule is unchanged)
 
+    @property
+    def writes_model(self) -> bool:
+        """Whether OUT is a full model (merged LoRA, or every weight trained) rather than an adapter."""
+        return self.merge or self.adapter == "full"
+
     def validate(self) -> None:
         checks = [
             (self.adapter in ADAPTERS, f"method='{self.adapter}' is unknown; use one of {', '.join(ADAPTERS)}"),
@@ -77,6 +82,9 @@ class HealConfig(MethodConfig):
              f"eval_docs={self.eval_docs}, eval_windows={self.eval_windows}, eval_seqlen={self.eval_seqlen} "
              "score nothing; use eval_docs >= 1, eval_windows >= 1, eval_seqlen >= 2"),
             (self.save_every >= 0, f"save_every={self.save_every} is negative; use 0 (never) or more"),
+            (not (self.adapter == "full" and self.save_every),
+             f"save_every={self.save_every}: method='full' keeps no resumable checkpoints (they hold adapters); "
+             "leave save_every at 0 or heal with lora"),
             (self.max_minutes is None or self.max_minutes > 0,
              f"max_minutes={self.max_minutes} stops before the first step; use a positive number or None"),
         ]

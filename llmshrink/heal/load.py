@@ -27,7 +27,7 @@ def load_student(resolved: str, method: str) -> torch.nn.Module:
     quantized = quantization(resolved)
     if quantized == "gptq" and method == "lora":
         return load_quantized(resolved, dtype=torch.float32)
-    if quantized == FACTORIZED and method == "lora":  # its factors are ordinary linears: LoRA trains on each
+    if quantized == FACTORIZED and method in ("lora", "full"):  # its factors are ordinary linears
         return load_factorized(resolved, dtype=torch.float32)
     if quantized is not None:
         fix = "use --method lora, which trains on its quantized weights" if quantized in ("gptq", FACTORIZED) else \

@@ -18,7 +18,7 @@ from .adapters import load_adapter
 from ..swap import mark_swapped
 from .load import FACTORIZED, load_tokenizer, quantization
 
-__all__ = ["NO_MERGE", "merge_adapter", "merge_into"]
+__all__ = ["NO_MERGE", "merge_adapter", "merge_into", "save_trained"]
 
 NO_MERGE = ("{model} is a quantized checkpoint, whose packed weights cannot absorb an adapter; keep the adapter "
             "(no --merge) and load it with llmshrink.AutoModelForCausalLM.from_pretrained(OUT), or heal the "
@@ -36,6 +36,14 @@ def merge_into(resolved: str, trained, adapter: Path, method: str, dest: Path) -
     merged = trained.merge_and_unload()
     merged.save_pretrained(dest)
     if quantization(resolved) == FACTORIZED:  # the adapter merged into both factors: still low-rank
+        mark_swapped(dest, FACTORIZED)
+
+
+def save_trained(resolved: str, trained, state_dict: dict, dest: Path) -> None:
+    """Save a model whose every weight was trained (heal's `full`) into `dest`, in the input's
+    format (a factorized input stays factorized: its factors were trained as they are)."""
+    trained.save_pretrained(dest, state_dict=state_dict)
+    if quantization(resolved) == FACTORIZED:
         mark_swapped(dest, FACTORIZED)
 
 

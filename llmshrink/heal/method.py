@@ -1,5 +1,5 @@
-"""Healing, registered: LoRA/QLoRA on a dense or quantized model; writes an adapter, or with
-`merge` a dense model."""
+"""Healing, registered: LoRA/QLoRA on a dense or quantized model, or every weight of a dense or
+factorized one (`full`); writes an adapter, or with `merge` (always with `full`) the model."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def check(config: HealConfig, input_kind: str, earlier: list, before: str) -> li
     if input_kind == "quantized" and config.merge:
         raise UsageError(f"after {before} cannot merge into packed weights; set merge: false (the adapter is kept "
                          "beside the quantized model)")
-    if input_kind == "quantized" and config.adapter == "qlora":
+    if input_kind == "quantized" and config.adapter in ("qlora", "full"):
         raise UsageError(f"after {before}: the model is already quantized; use adapter: lora")
     if not earlier:
         return ["is the first step: nothing has been pruned or quantized yet, so it fine-tunes the original model"]
@@ -30,8 +30,8 @@ def check(config: HealConfig, input_kind: str, earlier: list, before: str) -> li
 
 
 def output(config: HealConfig, input_kind: str = "dense") -> str:
-    """A merged heal keeps a factorized model factorized (the adapter merges into both factors)."""
-    if not config.merge:
+    """A merged (or full) heal keeps a factorized model factorized (the adapter merges into both factors)."""
+    if not config.writes_model:
         return "adapter"
     return "factorized" if input_kind == "factorized" else "dense"
 

@@ -8,6 +8,8 @@ temperature T, times T^2) or both (`ce+kd`: alpha * KD + (1 - alpha) * CE); see 
 - `lora`: the pruned model in fp32, peft LoRA on every decoder linear; on an llmshrink/GPTQ
   checkpoint the LoRA layers wrap its packed QuantLinear modules (see `llmshrink.heal.adapters`; such
   an adapter cannot be merged). `qlora`: the frozen base in bitsandbytes NF4 (see qlora.py).
+  `full`: no adapter, every weight of the fp32 model trains (a dense or factorized input; the
+  output is the model itself, in the input's format; no resumable checkpoints).
 - Trains through `llmshrink.train.train_loop`, like `llmshrink.finetune`: one process as is, or N
   under `accelerate launch` (each batch split over the processes; only the main process evaluates and saves).
 - Output, written through `atomic_dir` (a crash leaves no half folder):
@@ -46,7 +48,7 @@ from .adapters import ADAPTER_WEIGHTS, adapter_mismatch, add_lora
 from .config import RECORD, HealConfig
 from .load import FACTORIZED, heal_lora_config, load_student, load_teacher, load_tokenizer, quantization
 from .losses import heal_loss
-from .merge import NO_MERGE, merge_into
+from .merge import NO_MERGE, merge_into, save_trained
 from .qlora import eval_mode
 
 __all__ = ["heal"]
@@ -97,7 +99,8 @@ def _check_same_inputs(state: dict, inputs: dict, ckpt: Path) -> None:
 
 def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, teacher: str | os.PathLike | None = None,
          resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Heal a (pruned) model with LoRA or QLoRA and save the adapter, or the merged model, to `out`.
+    """Heal a (pruned) model with LoRA or QLoRA and save the adapter, or the merged model, to `out`;
+    with `config.adapter == "full"`, train every weight and save the model.
 
     Runs as is in one process, or under `accelerate launch` on N processes.
 
@@ -134,14 +137,18 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
         logger.warning("loss='ce' does not use the teacher %s", teacher)
 
     torch.manual_seed(config.seed)  # the same LoRA init on every process and every run
-    peft_model = add_lora(student, heal_lora_config(student, config))
-    if state is not None:
-        _load_checkpoint_adapter(peft_model, ckpt, resolved)
+    if config.adapter == "full":  # every weight trains (no checkpoints: validate refuses save_every)
+        peft_model = student.requires_grad_(True)
+    else:
+        peft_model = add_lora(student, heal_lora_config(student, config))
+        if state is not None:
+            _load_checkpoint_adapter(peft_model, ckpt, resolved)
     peft_model.train()  # from_pretrained returns eval mode: a bnb forward in it would repack the weights
     if rank == 0:
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        logger.info("healing %s with %s rank %d (%d trainable parameters), loss %s, %d process(es)",
-                    resolved, config.adapter, config.rank, trainable, config.loss, world)
+        logger.info("healing %s with %s%s (%d trainable parameters), loss %s, %d process(es)", resolved,
+                    config.adapter, "" if config.adapter == "full" else f" rank {config.rank}", trainable,
+                    config.loss, world)
 
     windows = calibration_windows(tokenizer, config.calibration, nsamples=config.nsamples, seqlen=config.seqlen,
                                   seed=config.seed)  # [nsamples, seqlen]
@@ -183,16 +190,19 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
                   "train_seconds": round(result.seconds, 1), "loss_first": losses[0] if losses else None,
                   "loss_last": losses[-1] if losses else None, "losses": losses, "evals": result.evals}
         with atomic_dir(out) as tmp:
-            adapter = tmp / "adapter" if config.merge else tmp
-            trained.save_pretrained(adapter, state_dict=state_dict)
-            if config.merge:
-                merge_into(resolved, trained, adapter, config.adapter, tmp)
+            if config.adapter == "full":
+                save_trained(resolved, trained, state_dict, tmp)
+            else:
+                adapter = tmp / "adapter" if config.merge else tmp
+                trained.save_pretrained(adapter, state_dict=state_dict)
+                if config.merge:
+                    merge_into(resolved, trained, adapter, config.adapter, tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if ckpt.exists():
             shutil.rmtree(ckpt)
         logger.info("healed %s in %.0f s: loss %.3f -> %.3f; %s written to %s", resolved, result.seconds,
                     losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
-                    "merged model" if config.merge else "adapter", out)
+                    "model" if config.writes_model else "adapter", out)
     accelerator.wait_for_everyone()
     return out

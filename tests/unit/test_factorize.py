@@ -534,6 +534,21 @@ def test_heal_trains_lora_on_both_factors_and_merges_into_a_factorized_folder(ti
                                atol=1e-4, rtol=1e-4)
 
 
+def test_a_full_heal_trains_the_factors_and_writes_a_factorized_folder(tiny, tmp_path):
+    from llmshrink.heal import HealConfig, heal
+
+    model, tokenizer, record = factorized_in_memory(tiny, FactorizeConfig(ratio=0.6))
+    source = save_factorized(model, tokenizer, tmp_path / "f")
+    config = HealConfig(adapter="full", steps=3, seqlen=32, batch_size=2, warmup=1, nsamples=8, lr=1e-3,
+                        calibration=tiny["calib"])
+    out = heal(source, config, tmp_path / "full", teacher=tiny["base"], progress=False)
+    assert detect(out).name == "factorized"
+    assert json.loads((out / "config.json").read_text())["llmshrink_factorize"]["ranks"] == record["ranks"]
+    healed = fresh_logits(out, IDS, "llmshrink", tmp_path)
+    assert not torch.allclose(healed, logits(model), atol=1e-4)  # it trained
+    torch.testing.assert_close(fresh_logits(out, IDS, "transformers+llmshrink.factorize", tmp_path), healed)
+
+
 def test_a_recipe_heals_a_factorized_step_and_keeps_it_factorized(tiny, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(f"model: {tiny['base']}\nseed: 0\ncalibration: {{source: {tiny['calib']}, nsamples: 4, seqlen: 32}}\n"

@@ -394,6 +394,35 @@ def test_lora_on_a_gptq_checkpoint_trains_loads_back_and_matches_the_dequantized
         assert not torch.allclose(got, base(x).logits, atol=1e-3)  # the adapter takes part
 
 
+def test_full_heal_trains_every_weight_and_writes_the_model_with_its_logits(folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import fresh_logits
+
+    out = folders["root"] / "full"
+    config = small(adapter="full", loss="ce+kd", lr=1e-4, calibration=folders["calib"])
+    heal(folders["pruned"], config, out, teacher=folders["teacher"], progress=False)
+    assert (out / "model.safetensors").is_file() and not (out / "adapter").exists()
+    assert not (out / "adapter_config.json").exists()
+    record = json.loads((out / RECORD).read_text())
+    assert record["loss_last"] < record["loss_first"]
+    before, after = load_file(str(Path(folders["pruned"]) / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    moved = [k for k in after if not torch.equal(after[k], before[k])]
+    assert set(moved) == set(before)  # every tensor trained (norms and embeddings too), none added or lost
+    x = torch.randint(1, 97, (1, 20))
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(out).eval()(x).logits
+    torch.testing.assert_close(fresh_logits(out, x, "transformers", tmp_path), expected)
+
+
+def test_full_heal_is_refused_where_it_cannot_train_or_checkpoint(folders, gptq_folder):
+    with pytest.raises(UsageError, match="gptq checkpoint, which --method full cannot train; use --method lora"):
+        heal(gptq_folder, small(adapter="full", loss="ce", calibration=folders["calib"]), folders["root"] / "gf")
+    with pytest.raises(UsageError, match="method='full' keeps no resumable checkpoints"):
+        small(adapter="full", save_every=2).validate()
+    assert _nothing_written(folders["root"] / "gf")
+
+
 def test_gptq_checkpoint_refuses_merge_and_qlora(folders, gptq_folder):
     with pytest.raises(UsageError, match="cannot absorb an adapter; keep the adapter"):
         heal(gptq_folder, small(loss="ce", merge=True, calibration=folders["calib"]), folders["root"] / "gm")
