@@ -8,8 +8,13 @@ from torch import nn
 
 from ..swap import set_module, swap_linear
 
-__all__ = ["FactorizedLinear", "factorized_modules", "install_factorized", "merge_factorized", "pad_rank",
+__all__ = ["FactorizedLinear", "factorized_modules", "install_factorized", "merge_factorized", "padded_rank",
            "set_module"]
+
+
+def padded_rank(rank: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that holds `rank`."""
+    return -(-rank // multiple) * multiple
 
 
 class FactorizedLinear(nn.Module):
@@ -54,7 +59,7 @@ class FactorizedLinear(nn.Module):
         """Grow the rank to a multiple of `multiple` with zero rows of V and zero columns of U (the
         product, hence the output, is unchanged; GPTQ packs 32-bit words of codes along both the
         rank and the other width). Returns the new rank."""
-        rank = -(-self.rank // multiple) * multiple
+        rank = padded_rank(self.rank, multiple)
         if rank == self.rank:
             return rank
         with torch.no_grad():

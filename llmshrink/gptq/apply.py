@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..arch import arch_for, checkpoint_names, decoder_layers, layer_linears
 from ..errors import Interrupted, UsageError
-from ..factorize.modules import factorized_modules
+from ..factorize.modules import factorized_modules, padded_rank
 from ..io import prepare_out
 from ..safetensors_io import TensorIndex
 from .compat import vllm_limits, whole_group_size
@@ -34,7 +34,8 @@ from .layers import fp_forward, head_of, quantize_head, quantize_layer
 from .passes import BATCH, calib_dtype, capture_first_inputs
 from .plan import MIXED_FILE, plan_mixed_precision
 from .resume import PartialRun, run_identity
-from .source import all_linears, check_factorized_source, check_finite, empty_model, factor_multiple, load_into, load_outside_layers, pad_factors
+from .source import (all_linears, check_factorized_source, check_finite, empty_model, factor_multiple, load_into,
+                     load_outside_layers, pad_factors)
 from .write import FORMAT_FILES, checkpoint_key, quantization_config, stored_desc_act, write_checkpoint
 
 __all__ = ["FORMAT_FILES", "MIXED_FILE", "quantize_checkpoint"]
@@ -67,7 +68,7 @@ def quantize_checkpoint(source: str | os.PathLike, config: GPTQConfig, calib: to
     index = TensorIndex(source)
     check_finite(index)
     model = empty_model(source, index)
-    factors = {name: -(-m.rank // factor_multiple(config, name)) * factor_multiple(config, name)
+    factors = {name: padded_rank(m.rank, factor_multiple(config, name))
                for name, m in factorized_modules(model).items()}  # name -> rank as stored (padded to pack)
     if config.lm_head and head_of(model) is None:
         raise UsageError(f"{source} has no linear output head to quantize; leave lm_head off")

@@ -19,8 +19,8 @@ from ..safetensors_io import TensorIndex
 from ..swap import folder_quant_method
 from .layers import head_of
 
-__all__ = ["all_linears", "check_factorized_source", "check_finite", "empty_model", "factor_multiple", "load_into", "load_outside_layers",
-           "pad_factors"]
+__all__ = ["all_linears", "check_factorized_source", "check_finite", "empty_model", "factor_multiple", "load_into",
+           "load_outside_layers", "pad_factors"]
 
 
 def check_finite(index: TensorIndex) -> None:

@@ -54,7 +54,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="the pruned model: folder (with tokenizer) or packaged name")
     p.add_argument("--teacher", help="the original model, for --loss kd or ce+kd (same tokenizer)")
     p.add_argument("--out", required=True, help="folder to write: the adapter, or with --merge the merged model")
-    p.add_argument("--method", dest="adapter", help=f"lora, qlora (NF4 base) or full (every weight trained; writes the model) (default {d.adapter})")
+    p.add_argument("--method", dest="adapter",
+                   help=f"lora, qlora (NF4 base) or full (every weight trained; writes the model) (default {d.adapter})")
     p.add_argument("--loss", help=f"ce, kd or ce+kd (default {d.loss})")
     p.add_argument("--alpha", type=float, help=f"ce+kd: alpha * KD + (1 - alpha) * CE (default {d.alpha})")
     p.add_argument("--temperature", type=float, help=f"distillation temperature (default {d.temperature})")

@@ -33,15 +33,12 @@ def merge_into(resolved: str, trained, adapter: Path, method: str, dest: Path) -
     if method == "qlora":
         base = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch.float32)
         trained = PeftModel.from_pretrained(base, adapter)
-    merged = trained.merge_and_unload()
-    merged.save_pretrained(dest)
-    if quantization(resolved) == FACTORIZED:  # the adapter merged into both factors: still low-rank
-        mark_swapped(dest, FACTORIZED)
+    save_trained(resolved, trained.merge_and_unload(), None, dest)  # merged into both factors: still low-rank
 
 
-def save_trained(resolved: str, trained, state_dict: dict, dest: Path) -> None:
-    """Save a model whose every weight was trained (heal's `full`) into `dest`, in the input's
-    format (a factorized input stays factorized: its factors were trained as they are)."""
+def save_trained(resolved: str, trained, state_dict: dict | None, dest: Path) -> None:
+    """Save a trained model (heal's `full`, or a merged adapter) into `dest`, in the format of its
+    input `resolved` (a factorized input stays factorized: its factors were trained as they are)."""
     trained.save_pretrained(dest, state_dict=state_dict)
     if quantization(resolved) == FACTORIZED:
         mark_swapped(dest, FACTORIZED)
