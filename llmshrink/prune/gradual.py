@@ -83,7 +83,8 @@ def gradual_prune(source: str, config: WeightPruneConfig, out: str | Path, calib
                               Path(work) / f"round-{r + 1}-healed", teacher=resolved, overwrite=True,
                               progress=progress)
                 record = json.loads((healed / RECORD).read_text())
-                row.update(train_seconds=record["train_seconds"], loss_first=record["loss_first"],
+                row.update(steps_done=record["steps_done"], train_seconds=record["train_seconds"],
+                           loss_first=record["loss_first"],
                            loss_last=record["loss_last"])
                 del model
                 model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32)

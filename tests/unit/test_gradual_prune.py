@@ -34,7 +34,8 @@ def fake_heal(calls):
         from safetensors.torch import save_file
         save_file({k: v + 0.01 for k, v in weights.items()}, str(Path(out) / "model.safetensors"),
                   metadata={"format": "pt"})
-        (Path(out) / RECORD).write_text(json.dumps({"train_seconds": 0.0, "loss_first": 1.0, "loss_last": 0.5}))
+        (Path(out) / RECORD).write_text(json.dumps({"steps_done": config.steps, "train_seconds": 0.0, "loss_first": 1.0,
+                                                   "loss_last": 0.5}))
         return Path(out)
     return heal
 
@@ -100,7 +101,9 @@ def test_cli_heals_for_real_and_one_shot_is_the_same_code(tiny, tmp_path, capsys
     assert main(args + ["--out", str(tmp_path / "oneshot")]) == 0
     for folder in ("gradual", "oneshot"):
         record = json.loads((tmp_path / folder / "config.json").read_text())["llmshrink_prune"]
-        assert record["rounds"][-1]["loss_last"] is not None and record["rounds"][-1]["train_seconds"] > 0
+        # train_seconds rounds to 0.0 on a fast machine: count the steps the healer says it took instead
+        assert sum(row["steps_done"] for row in record["rounds"]) == 2
+        assert all(row["steps_done"] == row["heal_steps"] and row["loss_last"] is not None for row in record["rounds"])
         for w in linears(tmp_path / folder).values():
             assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
     assert main(["prune", "--model", tiny["base"], "--layers", "1", "--rounds", "2", "--out", str(tmp_path / "x")]) == 2
