@@ -33,17 +33,43 @@ def logits(model, ids):
         return model(ids).logits
 
 
-def test_factorize_whitened_beats_plain_svd_and_loads_in_a_fresh_process(real_model, held_out, tmp_path):
+@pytest.fixture(scope="module")
+def factorized(real_model, tmp_path_factory):
+    """The default model factorized to 0.9 (whitened, allocated), in memory and saved."""
+    _, tokenizer, resolved = real_model
+    model, _, _ = load_model(resolved)
+    factorize(model, FactorizeConfig(ratio=0.9), tokenizer=tokenizer, **CALIB)
+    return model, save_factorized(model, tokenizer, tmp_path_factory.mktemp("factorized") / "f")
+
+
+def test_factorize_whitened_beats_plain_svd_and_loads_in_a_fresh_process(real_model, factorized, held_out, tmp_path):
     _, tokenizer, resolved = real_model
     ids = held_out[None, :64]
-    whitened, _, _ = load_model(resolved)
-    factorize(whitened, FactorizeConfig(ratio=0.9), tokenizer=tokenizer, **CALIB)
+    whitened, out = factorized
     plain, _, _ = load_model(resolved)
     factorize(plain, FactorizeConfig(ratio=0.9, whiten=False, allocate="uniform"), **CALIB)
     a, b = ppl(whitened, held_out), ppl(plain, held_out)
     assert a < 0.5 * b, f"whitened + allocated {a:.1f} is not well below plain SVD's {b:.1f}"
-    out = save_factorized(whitened, tokenizer, tmp_path / "f")
     torch.testing.assert_close(fresh_logits(out, ids, "llmshrink", tmp_path), logits(whitened, ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_of_the_factors_stays_near_the_factorized_model_and_loads_in_a_fresh_process(factorized, held_out,
+                                                                                           tmp_path):
+    """GPTQ 4-bit of a factorized folder (each factor a linear of its own): transformers after
+    `import llmshrink` loads it with llmshrink's logits, and 4-bit factors cost a bounded share of
+    the factorized model's perplexity (bench/factorize_gptq.py: +24.5% with 128 calibration windows)."""
+    import llmshrink
+    from llmshrink import GPTQConfig
+
+    model, source = factorized
+    ids = held_out[None, :64]
+    out = llmshrink.quantize(str(source), GPTQConfig(bits=4, group_size=128), tmp_path / "q", calibration="wiki",
+                             nsamples=CALIB["nsamples"], seqlen=CALIB["seqlen"], progress=False)
+    quantized = llmshrink.AutoModelForCausalLM.from_pretrained(out)  # the default load dtype, as the fresh load
+    a, b = ppl(quantized, held_out), ppl(model, held_out)
+    assert a < 1.5 * b, f"4-bit factors {a:.1f} cost over 1.5x the factorized model's perplexity {b:.1f}"
+    torch.testing.assert_close(fresh_logits(out, ids, "transformers+llmshrink", tmp_path), logits(quantized, ids),
                                rtol=1e-4, atol=1e-4)
 
 
