@@ -17,7 +17,6 @@ from llmshrink.pipeline import load_recipe, run_recipe
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 # the pipelines (heal_lora.yaml and heal_qlora.yaml are recipes/heal.py's configs, not pipelines)
 SHIPPED = sorted(p for p in RECIPES.glob("*.yaml") if isinstance(yaml.safe_load(p.read_text()).get("steps"), list))
-HEAL_SMALL = "steps=2 seqlen=32 batch_size=2 rank=4 lora_alpha=8 nsamples=4"
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +58,8 @@ def test_factorize_gptq_recipe_writes_quantized_factors_that_load(tiny, tmp_path
 
 
 def test_width_prune_heal_recipe_writes_a_smaller_plain_checkpoint(tiny, tmp_path):
-    heal = [f"steps.1.{kv}" for kv in HEAL_SMALL.split()] + [f"steps.1.calibration={tiny['calib']}",
-                                                             "steps.1.eval_docs=2", "steps.1.eval_seqlen=32",
-                                                             "steps.1.eval_windows=1"]
+    heal = [f"steps.1.{kv}" for kv in ("steps=2", "seqlen=32", "batch_size=2", "rank=4", "lora_alpha=8", "nsamples=4",
+                                       f"calibration={tiny['calib']}", "eval_docs=2", "eval_seqlen=32", "eval_windows=1")]
     state, final = run(tiny, "width-prune-heal.yaml", tmp_path, "steps.0.multiple=16", *heal)
     assert [(s["method"], s["kind"]) for s in state["steps"]] == [("width_prune", "dense"), ("heal", "dense")]
     config = json.loads((final / "config.json").read_text())
