@@ -43,8 +43,9 @@ def run(source: str, config: WidthPruneConfig, out: Path, context: Context) -> N
 
 def add_cli(subparsers) -> None:
     add_method_command(subparsers, WIDTH_PRUNE, "width_prune",
-                       "remove MLP channels and attention heads (whole key/value groups) of least output energy on "
-                       "calibration text, the same widths in every layer, for --ratio of the parameters")
+                       "remove MLP channels and attention heads (whole key/value groups) whose loss costs the least "
+                       "output error on calibration text, refitting down_proj and o_proj, the same widths in every "
+                       "layer, for --ratio of the parameters")
 
 
 WIDTH_PRUNE = register(Method(config=WidthPruneConfig, run=run, output="dense", needs_calibration=True,
