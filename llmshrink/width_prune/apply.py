@@ -453,11 +453,11 @@ def _refit_choice(model: nn.Module, plan: Plan, stats: Statistics, config: Width
         total = 0.0
         for part, (W, M, block, steps) in enumerate(((lin["o"].weight, M_o, plan.group_heads * plan.head_dim,
                                                       group_steps), (lin["down"].weight, M_down, 1, channel_steps))):
+            W = W.detach().double().cpu()  # the moments are on the CPU, whatever the model's device
             order, curve = obs_curve(W, M, block=block, steps=steps, damp=config.damp)
             orders[part].append(order)
             curves[part].append(curve)
-            Wd = W.detach().double()
-            total += float(torch.einsum("oi,ij,oj->", Wd, M, Wd))
+            total += float(torch.einsum("oi,ij,oj->", W, M, W))
         totals.append(total)
     kept_groups, kept_channels, candidates = choose_from_curves(
         torch.stack(curves[0]), torch.stack(curves[1]), (plan.kv_heads, plan.channels), pairs, plan.cost,
@@ -481,7 +481,7 @@ def _refit_writers(model: nn.Module, plan: Plan, stats: Statistics, keep_kv: lis
         for part, M, mean, cols, pruned in zip(PARTS, moments, means, kept, widths):
             if not pruned:
                 continue
-            W = lin[PARTS[part][-1]].weight
+            W = lin[PARTS[part][-1]].weight.detach().double().cpu()
             new = refit(W, M, cols, damp=damp)
             refits.setdefault(part, []).append(new)
             if part in plan.compensate:
