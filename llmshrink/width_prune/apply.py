@@ -5,8 +5,10 @@ choose the widths for the budget, then cut the linears (and refit the writers on
 The statistics come from full forwards of the original model over the calibration windows, a
 few windows at a time, with hooks on every layer's o_proj and down_proj inputs; memory is one
 batch's forward (and one key/value group's output through o_proj, [tokens, hidden] float64) plus,
-per layer, 2 * intermediate_size + num_key_value_heads * (hidden_size + 1) float64 sums. Every
-layer is measured on the original model's activations (one pass: nothing is pruned until all are
+per layer, 2 * intermediate_size + num_key_value_heads * (hidden_size + 1) float64 sums; with
+`refit`, also per layer the x x^T sums of the inputs of each part that can be pruned (down_proj:
+intermediate_size^2, o_proj: (heads * head_dim)^2 + heads * head_dim float64, on the CPU; one
+[n, n] float32 product per hook call on the model's device). Every layer is measured on the original model's activations (one pass: nothing is pruned until all are
 measured).
 `importance.py` holds the math. The result is an ordinary model of the same type with smaller
 widths in its config (head_dim written out, so it is not recomputed from hidden_size / heads).
@@ -30,7 +32,7 @@ from ..calibration import check_seqlen, resolve_calibration
 from ..errors import UsageError
 from .config import WidthPruneConfig
 from .importance import (attention_bias_shift, bias_shift, channel_scores, choose_from_curves, choose_widths,
-                         fitting_widths, group_output_stats, group_scores, input_moment, keep_indices, mlp_bias_shift,
+                         damped, fitting_widths, group_output_stats, group_scores, input_moment, keep_indices, mlp_bias_shift,
                          obs_curve, ranges, refit)
 
 __all__ = ["BIAS_SWITCHES", "LAYOUT", "MODEL_TYPES", "RECORD", "Plan", "Statistics", "add_bias_shifts", "check_layout",
@@ -224,20 +226,22 @@ class Statistics:
 
 @torch.no_grad()
 def unit_statistics(model: nn.Module, calib: torch.Tensor, batch_size: int = BATCH,
-                    progress: bool = True, moments: bool = False) -> Statistics:
+                    progress: bool = True, moments: tuple[str, ...] = ()) -> Statistics:
     """Hooks on every layer's o_proj and down_proj inputs over full forwards of `calib` [n, seqlen];
-    `moments`: also the inputs' x x^T sums (float32 products per batch, summed in float64), which
-    refitting needs: L * (I^2 + (heads * head_dim)^2) float64 more memory."""
+    `moments`: the parts ('attention': o_proj, 'mlp': down_proj) whose inputs' x x^T sums are also
+    taken (float32 products per batch, summed in float64), which refitting needs: L * I^2 float64
+    more memory for the MLP, L * (heads * head_dim)^2 for attention."""
     layers = decoder_layers(model)
     mc = model.config
     L, G, I, h = len(layers), mc.num_key_value_heads, mc.intermediate_size, mc.hidden_size
     stats = Statistics(0, torch.zeros(L, G, dtype=torch.float64), torch.zeros(L, G, h, dtype=torch.float64),
                        torch.zeros(L, I, dtype=torch.float64), torch.zeros(L, I, dtype=torch.float64))
     lins = [_linears(layer) for layer in layers]
-    if moments:
-        n = lins[0]["o"].in_features
+    n = lins[0]["o"].in_features
+    stats.o_sum = torch.zeros(L, n, dtype=torch.float64)  # small; the refit's bias shift of either part reads it
+    if "attention" in moments:
         stats.o_outer = torch.zeros(L, n, n, dtype=torch.float64)
-        stats.o_sum = torch.zeros(L, n, dtype=torch.float64)
+    if "mlp" in moments:
         stats.down_outer = torch.zeros(L, I, I, dtype=torch.float64)
 
     def outer(x: torch.Tensor) -> torch.Tensor:
@@ -249,10 +253,10 @@ def unit_statistics(model: nn.Module, calib: torch.Tensor, batch_size: int = BAT
             sq, total = group_output_stats(args[0], module.weight, G)
             stats.group_sq[i] += sq.cpu()
             stats.group_sum[i] += total.cpu()
-            if moments:
-                z = args[0].flatten(0, -2)
+            z = args[0].flatten(0, -2)
+            stats.o_sum[i] += z.detach().double().sum(0).cpu()
+            if stats.o_outer is not None:
                 stats.o_outer[i] += outer(z)
-                stats.o_sum[i] += z.detach().double().sum(0).cpu()
         return fn
 
     def on_down(i):
@@ -260,7 +264,7 @@ def unit_statistics(model: nn.Module, calib: torch.Tensor, batch_size: int = BAT
             a = args[0].detach().double().flatten(0, -2)  # [tokens, I]
             stats.channel_sq[i] += a.pow(2).sum(0).cpu()
             stats.channel_sum[i] += a.sum(0).cpu()
-            if moments:
+            if stats.down_outer is not None:
                 stats.down_outer[i] += outer(args[0].flatten(0, -2))
         return fn
 
@@ -361,8 +365,9 @@ def width_prune(model: nn.Module, config: WidthPruneConfig, calibration: str | t
     Returns:
         The record (also set as `model.config.llmshrink_width_prune`): the original and new
         widths, the kept channels and key/value heads of each layer (as 'a-b,c' ranges), the
-        parts whose removed mean was put back as a bias, the parameters before and after, and the
-        candidate widths with their removed energy.
+        parts whose removed mean was put back as a bias and those whose writer was refit, the
+        parameters before and after, and the candidate widths with their removed energy (or
+        refit error).
     """
     plan = plan_widths(model, config)  # an unknown layout or a ratio too small fails before any work
     if config.compensate and len(plan.compensate) < len(PARTS):
@@ -371,13 +376,15 @@ def width_prune(model: nn.Module, config: WidthPruneConfig, calibration: str | t
     mc = model.config
     check_seqlen(mc, seqlen if not isinstance(calibration, torch.Tensor) else calibration.shape[1])
     calib, calib_info = resolve_calibration(tokenizer, calibration, nsamples, seqlen, seed)
-    if config.refit and calib.numel() < REFIT_TOKENS * plan.channels:
-        logger.warning("width_prune: %d calibration tokens for down_proj's %d inputs; the refit fits noise below "
+    widest = max((plan.channels if part == "mlp" else plan.kv_heads * plan.group_heads * plan.head_dim)
+                 for part in _prunable(plan)) if config.refit and _prunable(plan) else 0
+    if calib.numel() < REFIT_TOKENS * widest:
+        logger.warning("width_prune: %d calibration tokens for a refit of %d inputs; the refit fits noise below "
                        "about %d tokens per input (on the default model it then did worse than --no-refit); give "
-                       "more calibration (--nsamples) or --no-refit", calib.numel(), plan.channels, REFIT_TOKENS)
+                       "more calibration (--nsamples) or --no-refit", calib.numel(), widest, REFIT_TOKENS)
     started = time.perf_counter()
     model.eval()
-    stats = unit_statistics(model, calib, progress=progress, moments=config.refit)
+    stats = unit_statistics(model, calib, progress=progress, moments=_prunable(plan) if config.refit else ())
     layers = decoder_layers(model)
     shifts, refits = {}, {}
     if config.refit:
@@ -432,11 +439,18 @@ def width_prune(model: nn.Module, config: WidthPruneConfig, calibration: str | t
     return record
 
 
-def _moments(plan: Plan, stats: Statistics, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """o_proj's and down_proj's input moments in layer `layer`: covariances where the part is
-    compensated (its mean goes back as a bias), else second moments."""
-    return (input_moment(stats.o_outer[layer], stats.o_sum[layer], stats.tokens, "attention" in plan.compensate),
-            input_moment(stats.down_outer[layer], stats.channel_sum[layer], stats.tokens, "mlp" in plan.compensate))
+def _prunable(plan: Plan) -> tuple[str, ...]:
+    """The parts whose width has more than one option."""
+    return tuple(part for part, options in (("attention", plan.group_options), ("mlp", plan.channel_options))
+                 if len(options) > 1)
+
+
+def _moments(plan: Plan, stats: Statistics, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """o_proj's and down_proj's input moments in layer `layer` (None for a part not measured):
+    covariances where the part is compensated (its mean goes back as a bias), else second moments."""
+    return tuple(None if outer is None else input_moment(outer[layer], total[layer], stats.tokens, part in plan.compensate)
+                 for part, outer, total in (("attention", stats.o_outer, stats.o_sum),
+                                            ("mlp", stats.down_outer, stats.channel_sum)))
 
 
 def _refit_choice(model: nn.Module, plan: Plan, stats: Statistics, config: WidthPruneConfig, progress: bool):
@@ -453,11 +467,15 @@ def _refit_choice(model: nn.Module, plan: Plan, stats: Statistics, config: Width
         total = 0.0
         for part, (W, M, block, steps) in enumerate(((lin["o"].weight, M_o, plan.group_heads * plan.head_dim,
                                                       group_steps), (lin["down"].weight, M_down, 1, channel_steps))):
+            if M is None:  # a part that keeps its width: nothing to drop, nothing measured
+                orders[part].append(torch.zeros(0, dtype=torch.long))
+                curves[part].append(torch.zeros(1, dtype=torch.float64))
+                continue
             W = W.detach().double().cpu()  # the moments are on the CPU, whatever the model's device
             order, curve = obs_curve(W, M, block=block, steps=steps, damp=config.damp)
             orders[part].append(order)
             curves[part].append(curve)
-            total += float(torch.einsum("oi,ij,oj->", W, M, W))
+            total += float(torch.einsum("oi,ij,oj->", W, damped(M, config.damp), W))  # as the curve counts
         totals.append(total)
     kept_groups, kept_channels, candidates = choose_from_curves(
         torch.stack(curves[0]), torch.stack(curves[1]), (plan.kv_heads, plan.channels), pairs, plan.cost,

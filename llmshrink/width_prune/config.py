@@ -1,5 +1,6 @@
 """WidthPruneConfig: MLP channels and whole key/value head groups removed from every decoder layer,
-chosen by the output energy each contributes on calibration data, to meet one parameter budget."""
+chosen by the output error their loss leaves on calibration data (after a least-squares refit of
+the writers, or by output energy alone), to meet one parameter budget."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ class WidthPruneConfig(MethodConfig):
     one intermediate_size per layer). Which channels and heads a layer keeps is its
     own choice, by its own measured importance; how many, one count for all layers, is the count
     whose removed importance summed over the layers is least within the budget (each layer's sum
-    taken relative to its total with `relative`). A channel's importance is the output energy it
-    adds to the residual stream, E[a_j^2] * ||W_down[:, j]||^2; a key/value group's (one kv head
-    and the query heads that share it: grouped-query attention stays valid) is the energy of
-    those heads' output through o_proj.
+    taken relative to its total with `relative`). With `refit` (the default), what a layer loses
+    by dropping units is the output error left after down_proj / o_proj is refit on the rest, the
+    units dropped greedily by that error (see `refit`). Without it, a channel's importance is the
+    output energy it adds to the residual stream, E[a_j^2] * ||W_down[:, j]||^2, and a key/value
+    group's (one kv head and the query heads that share it: grouped-query attention stays valid)
+    the energy of those heads' output through o_proj.
 
     Args:
         ratio: share of the parameters kept, in (0, 1]: the widths with the least removed
@@ -41,8 +44,8 @@ class WidthPruneConfig(MethodConfig):
         multiple: the MLP width is a multiple of this (the original width is always allowed), so
             GPTQ groups of 32 and fast kernels fit down_proj's inputs; 1 for any width.
         relative: when choosing how many channels and groups to remove, weigh each layer's
-            removed energy relative to that layer's total (so layers whose outputs are larger do
-            not decide the split alone); off: absolute energies.
+            removed energy (or refit error) relative to that layer's total output energy (so
+            layers whose outputs are larger do not decide the split alone); off: absolute.
         compensate: FLAP's bias compensation: add the mean output of the removed channels to
             down_proj's bias and of the removed heads to o_proj's bias, and rank units by the
             variance of their output (what is then lost). The config's mlp_bias / attention_bias

@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 import torch
 
 __all__ = ["attention_bias_shift", "bias_shift", "channel_scores", "choose_from_curves", "choose_widths",
-           "fitting_widths", "group_output_stats", "group_scores", "input_moment", "keep_indices", "mlp_bias_shift",
+           "damped", "fitting_widths", "group_output_stats", "group_scores", "input_moment", "keep_indices", "mlp_bias_shift",
            "obs_curve", "parse_ranges", "ranges", "refit", "removal_curves"]
 
 DAMP = 0.01  # added to M's diagonal, times its mean, before inverting (GPTQ's default dampening)
@@ -188,10 +188,14 @@ def input_moment(outer_sum: torch.Tensor, total: torch.Tensor, count: int, cente
     return moment
 
 
+def damped(moment: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """M + damp * mean(diag M) * I."""
+    eps = damp * float(moment.diagonal().mean().clamp_min(1e-12))
+    return moment + eps * torch.eye(len(moment), dtype=moment.dtype)
+
+
 def _damped_inverse(moment: torch.Tensor, damp: float) -> torch.Tensor:
-    diag = moment.diagonal()
-    eps = damp * float(diag.mean().clamp_min(1e-12))
-    return torch.cholesky_inverse(torch.linalg.cholesky(moment + eps * torch.eye(len(moment), dtype=moment.dtype)))
+    return torch.cholesky_inverse(torch.linalg.cholesky(damped(moment, damp)))
 
 
 def obs_curve(weight: torch.Tensor, moment: torch.Tensor, block: int = 1, steps: int | None = None,
@@ -207,7 +211,8 @@ def obs_curve(weight: torch.Tensor, moment: torch.Tensor, block: int = 1, steps:
         damp: M's diagonal gets damp * its mean before inverting.
     Returns:
         (order [steps] the blocks in the order dropped, curve [steps + 1] float64: curve[r] is the
-        mean output error tr(dW M dW^T) with the first r dropped and the rest refit; curve[0] = 0).
+        mean output error tr(dW M' dW^T) with the first r dropped and the rest refit, M' the damped
+        moment (`damped`; M itself with damp=0); curve[0] = 0).
     """
     n = weight.shape[1]
     if n % block:
@@ -256,8 +261,7 @@ def refit(weight: torch.Tensor, moment: torch.Tensor, keep: torch.Tensor, damp: 
     dropped = torch.ones(weight.shape[1], dtype=torch.bool)
     dropped[keep] = False
     M, W = moment.double(), weight.detach().double()
-    eps = damp * float(M.diagonal().mean().clamp_min(1e-12))
-    MKK = M[keep][:, keep] + eps * torch.eye(len(keep), dtype=M.dtype)
+    MKK = damped(M, damp)[keep][:, keep]
     correction = torch.cholesky_solve(M[keep][:, dropped], torch.linalg.cholesky(MKK)).T  # [R, K] M_RK M_KK^-1
     return W[:, keep] + W[:, dropped] @ correction
 

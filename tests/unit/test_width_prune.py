@@ -218,7 +218,8 @@ def pruned_in_memory(tiny, config: WidthPruneConfig):
 
 
 @pytest.mark.parametrize("kwargs", [{"ratio": 0.7, "multiple": 8}, {"ratio": 0.5, "multiple": 1, "budget": "model"},
-                                    {"ratio": 0.8, "targets": "mlp", "compensate": False}])
+                                    {"ratio": 0.8, "targets": "mlp", "compensate": False},
+                                    {"ratio": 0.85, "targets": "attention"}])
 def test_the_config_widths_and_parameter_count_meet_the_ratio(tiny, kwargs):
     config = WidthPruneConfig(**kwargs)
     original, _, _ = load_model(tiny["base"])
@@ -242,6 +243,8 @@ def test_the_config_widths_and_parameter_count_meet_the_ratio(tiny, kwargs):
     assert not bigger or plan.cost(w["num_key_value_heads"], bigger[0]) > config.ratio * total
     if config.targets == "mlp":
         assert w["num_key_value_heads"] == 2 and record["compensated"] == []
+    if config.targets == "attention":  # only o_proj's moments were taken, and only o_proj refit
+        assert w["intermediate_size"] == 128 and w["num_key_value_heads"] == 1 and record["refit"] == ["attention"]
 
 
 FRESH = """
