@@ -8,8 +8,8 @@ batch's forward (and one key/value group's output through o_proj, [tokens, hidde
 per layer, 2 * intermediate_size + num_key_value_heads * (hidden_size + 1) float64 sums; with
 `refit`, also per layer the x x^T sums of the inputs of each part that can be pruned (down_proj:
 intermediate_size^2, o_proj: (heads * head_dim)^2 + heads * head_dim float64, on the CPU; one
-[n, n] float32 product per hook call on the model's device). Every layer is measured on the original model's activations (one pass: nothing is pruned until all are
-measured).
+[n, n] float32 product per hook call on the model's device). Every layer is measured on the
+original model's activations (one pass: nothing is pruned until all are measured).
 `importance.py` holds the math. The result is an ordinary model of the same type with smaller
 widths in its config (head_dim written out, so it is not recomputed from hidden_size / heads).
 """
@@ -32,8 +32,8 @@ from ..calibration import check_seqlen, resolve_calibration
 from ..errors import UsageError
 from .config import WidthPruneConfig
 from .importance import (attention_bias_shift, bias_shift, channel_scores, choose_from_curves, choose_widths,
-                         damped, fitting_widths, group_output_stats, group_scores, input_moment, keep_indices, mlp_bias_shift,
-                         obs_curve, ranges, refit)
+                         damped, fitting_widths, group_output_stats, group_scores, input_moment, keep_indices,
+                         mlp_bias_shift, obs_curve, ranges, refit)
 
 __all__ = ["BIAS_SWITCHES", "LAYOUT", "MODEL_TYPES", "RECORD", "Plan", "Statistics", "add_bias_shifts", "check_layout",
            "plan_widths", "prune_widths", "unit_statistics", "width_prune"]
@@ -448,7 +448,8 @@ def _prunable(plan: Plan) -> tuple[str, ...]:
 def _moments(plan: Plan, stats: Statistics, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """o_proj's and down_proj's input moments in layer `layer` (None for a part not measured):
     covariances where the part is compensated (its mean goes back as a bias), else second moments."""
-    return tuple(None if outer is None else input_moment(outer[layer], total[layer], stats.tokens, part in plan.compensate)
+    return tuple(None if outer is None
+                 else input_moment(outer[layer], total[layer], stats.tokens, part in plan.compensate)
                  for part, outer, total in (("attention", stats.o_outer, stats.o_sum),
                                             ("mlp", stats.down_outer, stats.channel_sum)))
 

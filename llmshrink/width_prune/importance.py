@@ -34,8 +34,8 @@ from typing import Callable, Iterable
 import torch
 
 __all__ = ["attention_bias_shift", "bias_shift", "channel_scores", "choose_from_curves", "choose_widths",
-           "damped", "fitting_widths", "group_output_stats", "group_scores", "input_moment", "keep_indices", "mlp_bias_shift",
-           "obs_curve", "parse_ranges", "ranges", "refit", "removal_curves"]
+           "damped", "fitting_widths", "group_output_stats", "group_scores", "input_moment", "keep_indices",
+           "mlp_bias_shift", "obs_curve", "parse_ranges", "ranges", "refit", "removal_curves"]
 
 DAMP = 0.01  # added to M's diagonal, times its mean, before inverting (GPTQ's default dampening)
 
