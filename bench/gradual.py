@@ -1,12 +1,13 @@
 """Gradual against one-shot Wanda pruning at the same final sparsity and the same total healing
 steps, on the packaged model, side by side in one run.
 
-Rows: one-shot Wanda without healing; one-shot Wanda then --heal-steps of LoRA + KD healing
-(`weight_prune` with rounds=1); --rounds prune -> heal rounds on the cubic schedule sharing the same
-steps (the default gradual pruning), and the same with lottery-ticket rewinding. Each round's
-healing is `llmshrink heal` (LoRA + KD from the unpruned model, merged, the pruned weights zeroed
-again). Scored on the held-out wiki windows (the corpus's first passages; calibration and healing
-text come from the other half).
+Rows: one-shot Wanda without healing; one-shot Wanda then --heal-steps of healing (`weight_prune`
+with rounds=1); --rounds prune -> heal rounds on the cubic schedule sharing the same steps (gradual
+pruning), and the same with lottery-ticket rewinding. Each round's healing is `llmshrink heal` with
+KD from the unpruned model: LoRA (lr 1e-3, merged, the pruned weights zeroed again; the rows
+without a suffix) or sparse full fine-tuning (`-full` rows: lr 1e-4, every surviving weight
+trained, the pruned ones held at zero). Scored on the held-out wiki windows (the corpus's first
+passages; calibration and healing text come from the other half).
 
     python bench/gradual.py --sparsity 0.6 --rounds 3 --heal-steps 36 --json bench/gradual.json
 
@@ -62,18 +63,23 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="llmshrink-bench-gradual-"))
     calibration = Calibration(source="wiki", nsamples=args.nsamples, seqlen=512)
     s, h, r = args.sparsity, args.heal_steps, args.rounds
+    lora = dict(heal_lr=1e-3)  # the LoRA rows' learning rate, as recorded before heal_lr had per-method defaults
+    full = dict(heal_method="full")
     configs = {
-        "oneshot": WeightPruneConfig(sparsity=s),
-        "oneshot-healed": WeightPruneConfig(sparsity=s, heal_steps=h),
-        "gradual": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h),
-        "gradual-rewind": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, rewind=True),
-        "gradual-linear": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, schedule="linear"),
+        "oneshot": WeightPruneConfig(sparsity=s, **lora),
+        "oneshot-healed": WeightPruneConfig(sparsity=s, heal_steps=h, **lora),
+        "gradual": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, **lora),
+        "gradual-rewind": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, rewind=True, **lora),
+        "gradual-linear": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, schedule="linear", **lora),
+        "oneshot-healed-full": WeightPruneConfig(sparsity=s, heal_steps=h, **full),
+        "gradual-full": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, **full),
+        "gradual-linear-full": WeightPruneConfig(sparsity=s, rounds=r, heal_steps=h, schedule="linear", **full),
     }
     names = args.rows.split(",")
     result = {"model": args.model, "original_ppl": ppl_of(source, ids, 512), "rows": []}
     if args.json and Path(args.json).exists():  # rerunning some rows keeps the others (same settings only)
         kept = json.loads(Path(args.json).read_text())
-        same = lambda row: row["config"] == configs.get(row["row"], WeightPruneConfig()).to_dict()  # noqa: E731
+        same = lambda row: WeightPruneConfig.from_dict(row["config"]) == configs.get(row["row"])  # noqa: E731
         result["rows"] = [row for row in kept.get("rows", []) if row["row"] not in names and same(row)]
     print(f"original ppl {result['original_ppl']:.3f}", flush=True)
     for name in names:
@@ -90,20 +96,23 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
 
-    print(f"\n| run | rounds (sparsity after each) | heal steps | heal s | sparsity | wiki ppl |")
-    print("|---|---|---|---|---|---|")
-    print(f"| original | | | | 0 | {result['original_ppl']:.3f} |")
+    print(f"\n| run | rounds (sparsity after each) | heal | heal steps | heal s | sparsity | wiki ppl |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| original | | | | | 0 | {result['original_ppl']:.3f} |")
     for row in result["rows"]:
         c = row["config"]
         path = " -> ".join(f"{x:.3f}" for x in row["round_sparsity"])
-        print(f"| {row['row']} | {c['rounds']} ({path}) | {c['heal_steps']} | {row['heal_seconds']:.0f} | "
+        cfg = WeightPruneConfig.from_dict(c)
+        heal = f"{cfg.heal_method} lr {cfg.learning_rate():g}" if cfg.heal_steps else ""
+        print(f"| {row['row']} | {c['rounds']} ({path}) | {heal} | {c['heal_steps']} | {row['heal_seconds']:.0f} | "
               f"{row['sparsity']:.4f} | {row['ppl']:.3f} |")
     by = {row["row"]: row for row in result["rows"]}
-    if "oneshot-healed" in by:
-        for name in ("gradual", "gradual-rewind", "gradual-linear"):
-            if name in by:
-                a, b = by[name]["ppl"], by["oneshot-healed"]["ppl"]
-                print(f"{name} {a:.3f} vs one-shot + the same healing {b:.3f}: {'beats' if a < b else 'does NOT beat'}")
+    for name in [n for n in by if n.startswith("gradual")]:
+        baseline = "oneshot-healed-full" if name.endswith("-full") else "oneshot-healed"
+        if baseline in by:
+            a, b = by[name]["ppl"], by[baseline]["ppl"]
+            print(f"{name} {a:.3f} vs {baseline} (one-shot + the same healing) {b:.3f}: "
+                  f"{'beats' if a < b else 'does NOT beat'} it ({a / b - 1:+.1%})")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                                                      "(default: none)")
     p.add_argument("--merge", action="store_true", default=None,
                    help="write the merged full model to OUT (the adapter goes to OUT/adapter)")
+    p.add_argument("--keep-zeros", action="store_true", default=None,
+                   help="with --method full: weights that are exactly zero stay zero (fine-tune a pruned model "
+                        "and keep its sparsity)")
     p.add_argument("--resume", action="store_true", help="continue from OUT.checkpoint")
     p.add_argument("--adapter", dest="merge_adapter", metavar="FOLDER",
                    help="no training: merge this saved adapter into --model and write it to --out")

@@ -52,6 +52,7 @@ class HealConfig(MethodConfig):
     save_every: int = 0  # checkpoint into OUT.checkpoint every N steps; 0: never
     merge: bool = False  # OUT: a merged full checkpoint (adapter in OUT/adapter) instead of the adapter
     max_minutes: float | None = None  # stop early after this much training time (the schedule is unchanged)
+    keep_zeros: bool = False  # full: weights exactly zero at the start get no update (a sparse model stays sparse)
 
     @property
     def writes_model(self) -> bool:
@@ -85,6 +86,9 @@ class HealConfig(MethodConfig):
             (not (self.adapter == "full" and self.save_every),
              f"save_every={self.save_every}: method='full' keeps no resumable checkpoints (they hold adapters); "
              "leave save_every at 0 or heal with lora"),
+            (not self.keep_zeros or self.adapter == "full",
+             f"keep_zeros holds weights at zero while they train, and method='{self.adapter}' trains an adapter "
+             "whose update is dense; use method='full' (sparse fine-tuning), or drop keep_zeros"),
             (self.max_minutes is None or self.max_minutes > 0,
              f"max_minutes={self.max_minutes} stops before the first step; use a positive number or None"),
         ]

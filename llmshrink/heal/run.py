@@ -9,7 +9,9 @@ temperature T, times T^2) or both (`ce+kd`: alpha * KD + (1 - alpha) * CE); see 
   checkpoint the LoRA layers wrap its packed QuantLinear modules (see `llmshrink.heal.adapters`; such
   an adapter cannot be merged). `qlora`: the frozen base in bitsandbytes NF4 (see qlora.py).
   `full`: no adapter, every weight of the fp32 model trains (a dense or factorized input; the
-  output is the model itself, in the input's format; no resumable checkpoints).
+  output is the model itself, in the input's format; no resumable checkpoints). With
+  `keep_zeros` the weights that are exactly zero at the start get no gradient, so AdamW (no
+  weight decay) never moves them: a pruned model is fine-tuned and stays exactly as sparse.
 - Trains through `llmshrink.train.train_loop`, like `llmshrink.finetune`: one process as is, or N
   under `accelerate launch` (each batch split over the processes; only the main process evaluates and saves).
 - Output, written through `atomic_dir` (a crash leaves no half folder):
@@ -51,7 +53,7 @@ from .losses import heal_loss
 from .merge import NO_MERGE, merge_into, save_trained
 from .qlora import eval_mode
 
-__all__ = ["heal"]
+__all__ = ["heal", "keep_zeros"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,20 @@ def _check_same_inputs(state: dict, inputs: dict, ckpt: Path) -> None:
         raise UsageError(f"cannot resume from {ckpt}: {why}; start over without --resume, or give the same input")
 
 
+def keep_zeros(model: torch.nn.Module) -> int:
+    """Mask the gradient of every trainable weight at its exact zeros, so training keeps them zero
+    (with an optimizer whose update is zero where every gradient was: AdamW without weight decay).
+    Returns how many weights are held."""
+    held = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dim() > 1:
+            mask = p.detach() != 0
+            if not bool(mask.all()):
+                p.register_hook(lambda g, mask=mask: g * mask)
+                held += int(mask.numel() - mask.sum())
+    return held
+
+
 def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, teacher: str | os.PathLike | None = None,
          resume: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
     """Heal a (pruned) model with LoRA or QLoRA and save the adapter, or the merged model, to `out`;
@@ -139,6 +155,8 @@ def heal(model: str | os.PathLike, config: HealConfig, out: str | os.PathLike, t
     torch.manual_seed(config.seed)  # the same LoRA init on every process and every run
     if config.adapter == "full":  # every weight trains (no checkpoints: validate refuses save_every)
         peft_model = student.requires_grad_(True)
+        if config.keep_zeros:
+            logger.info("keep_zeros: %d weights held at zero", keep_zeros(peft_model))
     else:
         peft_model = add_lora(student, heal_lora_config(student, config))
         if state is not None:

@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..io import check_writable_file, prepare_out
 from ..models import DEFAULT_MODEL, resolve_model
 from .apply import prune, save_pruned
-from .config import CRITERIA, PATTERNS, SCHEDULES, SCORES, LayerPruneConfig, WeightPruneConfig
+from .config import CRITERIA, HEAL_LR, HEAL_METHODS, PATTERNS, SCHEDULES, SCORES, LayerPruneConfig, WeightPruneConfig
 from .gradual import gradual_prune
 from .report import plot_scores, print_scores
 
@@ -30,7 +30,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     else:
         config = WeightPruneConfig(sparsity=args.sparsity, score=args.score, pattern=args.pattern, scope=args.scope,
                                    rounds=args.rounds, heal_steps=args.heal_steps, schedule=args.schedule,
-                                   rewind=args.rewind, heal_lr=args.heal_lr)
+                                   rewind=args.rewind, heal_method=args.heal_method,
+                                   heal_lr=args.heal_lr)
         config.validate()
     gradual = args.sparsity is not None and config.gradual()
     if args.layers is not None and (args.rounds != 1 or args.heal_steps or args.rewind):
@@ -89,13 +90,19 @@ def add_cli(subparsers) -> None:
     p.add_argument("--rounds", type=positive_int, default=weight("rounds"),
                    help="reach --sparsity in N prune -> heal rounds (gradual pruning; default 1: one-shot)")
     p.add_argument("--heal-steps", type=int, default=weight("heal_steps"),
-                   help="LoRA + KD healing steps in all, split over the rounds, the input model as teacher "
+                   help="healing steps in all (CE + KD, the input model as teacher), split over the rounds "
                         "(default 0: none)")
     p.add_argument("--schedule", default=weight("schedule"), choices=SCHEDULES,
                    help="sparsity after each round (default cubic: most of it early)")
     p.add_argument("--rewind", action="store_true",
                    help="lottery-ticket rewinding: the surviving weights go back to the input's values before "
                         "each round's healing")
-    p.add_argument("--heal-lr", type=float, default=weight("heal_lr"), help="the healing's learning rate")
+    p.add_argument("--heal-method", default=weight("heal_method"), choices=HEAL_METHODS,
+                   help="lora: an adapter merged after each round (the zeros restored after); full: sparse "
+                        "fine-tuning, every surviving weight trained, the pruned ones held at zero "
+                        f"(default {weight('heal_method')})")
+    p.add_argument("--heal-lr", type=float, default=weight("heal_lr"),
+                   help="the healing's peak learning rate (default " +
+                        ", ".join(f"{v:g} for {k}" for k, v in HEAL_LR.items()) + ")")
     add_run_flags(p, nsamples=64, seqlen=512)
     p.set_defaults(func=_cmd_prune)

@@ -7,12 +7,14 @@ import dataclasses
 from ..config import MethodConfig
 from ..errors import UsageError
 
-__all__ = ["LayerPruneConfig", "WeightPruneConfig", "CRITERIA", "SCORES", "PATTERNS", "SCHEDULES"]
+__all__ = ["LayerPruneConfig", "WeightPruneConfig", "CRITERIA", "SCORES", "PATTERNS", "SCHEDULES", "HEAL_METHODS"]
 
 CRITERIA = ("block_influence", "angular", "last")
 SCORES = ("magnitude", "wanda")
 PATTERNS = ("unstructured", "2:4")
 SCHEDULES = ("cubic", "linear")
+HEAL_METHODS = ("lora", "full")
+HEAL_LR = {"lora": 1e-3, "full": 1e-4}  # the default heal_lr of each heal_method
 
 
 @dataclasses.dataclass
@@ -65,16 +67,21 @@ class WeightPruneConfig(MethodConfig):
         rounds: reach `sparsity` in this many prune -> heal rounds (gradual pruning, the
             train-prune-fine-tune cycle); each round scores the healed model again and zeroes more.
             1: one-shot pruning (then healed if heal_steps > 0).
-        heal_steps: LoRA + KD healing steps in all (`llmshrink.heal`, the unpruned input as teacher),
-            split evenly over the rounds; after each round's healing the adapter is merged and the
-            pruned weights are zeroed again, so the output stays a dense checkpoint with exact zeros.
-            0: no healing (rounds > 1 then only re-scores between rounds).
+        heal_steps: healing steps in all (`llmshrink.heal` with KD from the unpruned input as
+            teacher), split evenly over the rounds. 0: no healing (rounds > 1 then only re-scores
+            between rounds).
+        heal_method: `lora` (an adapter, merged after each round; its update is dense, so the
+            pruned weights are zeroed again after the merge) or `full` (sparse fine-tuning: every
+            surviving weight trains and the pruned ones get no update, `HealConfig.keep_zeros`, so
+            nothing a round learns is thrown away). Either way the output is a dense checkpoint
+            with exact zeros.
         schedule: the sparsity after round r of R: `cubic` (Zhu & Gupta 2017: s (1 - (1 - r/R)^3),
             most of it early, while the model has most to spare) or `linear` (s r / R).
         rewind: lottery-ticket rewinding (Frankle & Carbin 2019; Renda et al. 2020): before each
             round's healing the surviving weights go back to their values in the input model, so
             only the mask carries over from round to round.
-        heal_lr: the healing's learning rate (LoRA, cosine schedule, 2 steps of warmup).
+        heal_lr: the healing's peak learning rate (cosine schedule, 2 steps of warmup); None: 1e-3
+            for `lora`, 1e-4 for `full` (`HEAL_LR`).
     """
 
     METHOD = "weight_prune"
@@ -88,7 +95,8 @@ class WeightPruneConfig(MethodConfig):
     heal_steps: int = 0
     schedule: str = "cubic"
     rewind: bool = False
-    heal_lr: float = 1e-3
+    heal_method: str = "lora"
+    heal_lr: float | None = None
 
     def needs_calibration(self) -> bool:
         return self.score == "wanda"  # magnitude reads the weights only
@@ -103,6 +111,10 @@ class WeightPruneConfig(MethodConfig):
         if self.schedule == "linear":
             return [self.sparsity * (i + 1) / r for i in range(r)]
         return [self.sparsity * (1 - (1 - (i + 1) / r) ** 3) for i in range(r)]
+
+    def learning_rate(self) -> float:
+        """The healing's peak learning rate: `heal_lr`, or the default of `heal_method`."""
+        return HEAL_LR[self.heal_method] if self.heal_lr is None else self.heal_lr
 
     def round_steps(self) -> list[int]:
         """Healing steps after each round: heal_steps split evenly, the remainder to the last rounds."""
@@ -132,7 +144,10 @@ class WeightPruneConfig(MethodConfig):
                              "give heal_steps, or drop rewind")
         if self.rounds > 1 and self.pattern == "2:4":
             raise UsageError("2:4 has one sparsity (50%), so it cannot be reached in rounds; use rounds=1")
-        if not self.heal_lr > 0:
-            raise UsageError(f"heal_lr={self.heal_lr} does not train; use a positive learning rate such as 1e-3")
+        if self.heal_method not in HEAL_METHODS:
+            raise UsageError(f"heal_method='{self.heal_method}' is not known; use one of {', '.join(HEAL_METHODS)}")
+        if self.heal_lr is not None and not self.heal_lr > 0:
+            raise UsageError(f"heal_lr={self.heal_lr} does not train; use a positive learning rate such as "
+                             f"{HEAL_LR[self.heal_method]:g}, or None for that default")
         if self.pattern == "2:4" and self.scope == "global":
             raise UsageError("2:4 keeps two of every four weights everywhere; it has no global threshold, use scope='layer'")

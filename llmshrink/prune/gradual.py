@@ -1,8 +1,10 @@
 """Gradual weight pruning: reach a sparsity in prune -> heal rounds instead of at once.
 
 Each round scores the current (healed) model again, zeroes more of each linear (the zeros already
-there score 0, so a mask only grows), heals with `llmshrink.heal` (LoRA + KD from the unpruned
-input, merged) and zeroes the pruned weights again, since a merged adapter is dense. With
+there score 0, so a mask only grows) and heals with `llmshrink.heal` (KD from the unpruned input):
+with `heal_method="lora"` an adapter, merged, after which the pruned weights are zeroed again
+(a merged adapter is dense); with `"full"` sparse fine-tuning, the surviving weights trained and
+the pruned ones held at zero throughout (`HealConfig.keep_zeros`). With
 `rewind` the surviving weights are reset to the input model's values before each round's healing
 (the lottery ticket's rewinding), so a round carries over only its mask. `rounds=1` with heal
 steps is the one-shot baseline: the same code, the same total healing.
@@ -31,9 +33,12 @@ logger = logging.getLogger(__name__)
 
 
 def _heal_config(config: WeightPruneConfig, steps: int, text: str, seed: int) -> HealConfig:
-    """One round's healing: LoRA + KD on windows of 4 x 256 tokens, as many windows as it sees."""
-    return HealConfig(loss="ce+kd", steps=steps, lr=config.heal_lr, warmup=min(2, steps), seqlen=256, batch_size=4,
-                      nsamples=4 * steps, calibration=text, seed=seed, merge=True)
+    """One round's healing: CE + KD on windows of 4 x 256 tokens, as many windows as it sees; LoRA
+    merged, or every surviving weight trained with the zeros kept."""
+    full = config.heal_method == "full"
+    return HealConfig(adapter=config.heal_method, loss="ce+kd", steps=steps, lr=config.learning_rate(),
+                      warmup=min(2, steps), seqlen=256, batch_size=4, nsamples=4 * steps, calibration=text, seed=seed,
+                      merge=not full, keep_zeros=full)
 
 
 @torch.no_grad()
@@ -52,7 +57,8 @@ def gradual_prune(source: str, config: WeightPruneConfig, out: str | Path, calib
 
     Args:
         source: packaged name, folder or Hub id; also the healing's teacher.
-        config: a WeightPruneConfig (its rounds, heal_steps, schedule, rewind and heal_lr).
+        config: a WeightPruneConfig (its rounds, heal_steps, schedule, rewind, heal_method
+            and heal_lr).
         out: checkpoint folder, written whole at the end (a normal dense checkpoint with zeros).
         calibration: None for the wiki calibration half (the pruning scores; healing draws from the
             same text), or a .txt/.jsonl path.
@@ -88,7 +94,7 @@ def gradual_prune(source: str, config: WeightPruneConfig, out: str | Path, calib
                            loss_last=record["loss_last"])
                 del model
                 model = AutoModelForCausalLM.from_pretrained(healed, dtype=torch.float32)
-                _apply_masks(model, masks)  # the merged adapter filled the zeros
+                _apply_masks(model, masks)  # a merged adapter filled the zeros (full kept them)
             logger.info("round %d of %d: sparsity %.3f, %d healing steps", r + 1, config.rounds, row["sparsity"], steps)
             rounds.append(row)
     model.eval()

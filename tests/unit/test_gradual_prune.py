@@ -1,5 +1,6 @@
 """Gradual weight pruning: prune -> heal rounds, the mask kept through merged healing, rewinding."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +29,7 @@ def linears(folder) -> dict[str, torch.Tensor]:
 def fake_heal(calls):
     """heal() stand-in: record the student's weights, then 'merge' a dense update into every weight."""
     def heal(student, config, out, teacher=None, overwrite=False, progress=True):
-        calls.append({"student": linears(student), "steps": config.steps, "teacher": teacher})
+        calls.append({"student": linears(student), "steps": config.steps, "teacher": teacher, "config": config})
         shutil.copytree(student, out, dirs_exist_ok=True)
         weights = load_file(str(Path(out) / "model.safetensors"))
         from safetensors.torch import save_file
@@ -46,6 +47,8 @@ def test_schedules_end_at_the_sparsity_and_split_the_steps():
     assert WeightPruneConfig(sparsity=0.6, rounds=3, schedule="linear").round_sparsities() == pytest.approx([0.2, 0.4, 0.6])
     assert c.round_steps() == [3, 3, 4] and sum(c.round_steps()) == 10
     assert not WeightPruneConfig().gradual() and WeightPruneConfig(heal_steps=4).gradual()
+    assert WeightPruneConfig().learning_rate() == 1e-3 and WeightPruneConfig(heal_method="full").learning_rate() == 1e-4
+    assert WeightPruneConfig(heal_method="full", heal_lr=3e-5).learning_rate() == 3e-5
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -56,6 +59,7 @@ def test_schedules_end_at_the_sparsity_and_split_the_steps():
     (dict(schedule="exp"), "schedule='exp' is not known"),
     (dict(pattern="2:4", rounds=2), "cannot be reached in rounds"),
     (dict(heal_steps=2, heal_lr=0), "heal_lr=0 does not train"),
+    (dict(heal_steps=2, heal_method="dora"), "heal_method='dora' is not known"),
 ])
 def test_bad_schedules_are_one_line_errors(kw, message):
     with pytest.raises(UsageError, match=message):
@@ -98,9 +102,10 @@ def test_cli_heals_for_real_and_one_shot_is_the_same_code(tiny, tmp_path, capsys
             "--calib-seqlen", "32", "--heal-steps", "2"]
     assert main(args + ["--rounds", "2", "--out", str(tmp_path / "gradual")]) == 0
     assert "in 2 round(s)" in capsys.readouterr().out
-    assert main(args + ["--out", str(tmp_path / "oneshot")]) == 0
-    for folder in ("gradual", "oneshot"):
+    assert main(args + ["--heal-method", "full", "--out", str(tmp_path / "oneshot")]) == 0
+    for folder, method in (("gradual", "lora"), ("oneshot", "full")):
         record = json.loads((tmp_path / folder / "config.json").read_text())["llmshrink_prune"]
+        assert record["config"]["heal_method"] == method
         # train_seconds rounds to 0.0 on a fast machine: count the steps the healer says it took instead
         assert sum(row["steps_done"] for row in record["rounds"]) == 2
         assert all(row["steps_done"] == row["heal_steps"] and row["loss_last"] is not None for row in record["rounds"])
@@ -108,6 +113,33 @@ def test_cli_heals_for_real_and_one_shot_is_the_same_code(tiny, tmp_path, capsys
             assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
     assert main(["prune", "--model", tiny["base"], "--layers", "1", "--rounds", "2", "--out", str(tmp_path / "x")]) == 2
     assert "with --sparsity" in capsys.readouterr().err
+
+
+def test_full_healing_is_sparse_fine_tuning_for_real(tiny, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gradual, "heal", fake_heal(calls))
+    config = WeightPruneConfig(sparsity=0.5, rounds=2, heal_steps=4, heal_method="full")
+    gradual_prune(tiny["base"], config, tmp_path / "fake", calibration=tiny["calib"], nsamples=4, seqlen=32,
+                  progress=False)
+    assert all(c["config"].adapter == "full" and c["config"].keep_zeros and not c["config"].merge
+               and c["config"].lr == 1e-4 for c in calls)
+    monkeypatch.undo()  # now the real heal: every round's zeros must come out of its training still zero
+    seen = []
+    real = gradual.heal
+
+    def watch(student, heal_config, out, **kw):
+        healed = real(student, heal_config, out, **kw)
+        seen.append((linears(student), linears(healed)))
+        return healed
+    monkeypatch.setattr(gradual, "heal", watch)
+    out = gradual_prune(tiny["base"], dataclasses.replace(config, heal_lr=1e-2), tmp_path / "real",
+                        calibration=tiny["calib"], nsamples=4, seqlen=32, progress=False)
+    assert len(seen) == 2
+    for before, after in seen:
+        for name, w in before.items():
+            assert torch.equal(after[name] == 0, w == 0) and not torch.equal(after[name], w), name
+    record = json.loads((out / "config.json").read_text())["llmshrink_prune"]
+    assert record["config"]["heal_method"] == "full" and record["sparsity"] == pytest.approx(0.5, abs=0.02)
 
 
 def test_recipe_step_runs_the_rounds(tiny, tmp_path):

@@ -1,5 +1,6 @@
 """Healing (LoRA / QLoRA, CE / KD) on tiny Llama folders with a character tokenizer."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -413,6 +414,31 @@ def test_full_heal_trains_every_weight_and_writes_the_model_with_its_logits(fold
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(out).eval()(x).logits
     torch.testing.assert_close(fresh_logits(out, x, "transformers", tmp_path), expected)
+
+
+def test_keep_zeros_fine_tunes_a_sparse_model_and_keeps_every_zero(folders, tmp_path):
+    from safetensors.torch import save_file
+
+    weights = load_file(str(Path(folders["pruned"]) / "model.safetensors"))
+    sparse = {k: v * (torch.rand(v.shape, generator=torch.Generator().manual_seed(0)) > 0.5) if v.dim() > 1 else v
+              for k, v in weights.items()}  # half of every matrix zeroed
+    src = tmp_path / "sparse"
+    src.mkdir()
+    for f in Path(folders["pruned"]).iterdir():
+        if f.name != "model.safetensors":
+            (src / f.name).write_bytes(f.read_bytes())
+    save_file(sparse, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config = small(adapter="full", loss="ce", lr=1e-3, calibration=folders["calib"], keep_zeros=True)
+    after = load_file(str(heal(src, config, tmp_path / "out", progress=False) / "model.safetensors"))
+    for k, v in sparse.items():
+        if v.dim() > 1:
+            assert torch.equal(after[k] == 0, v == 0), k  # the zeros stay exactly zero, no new zeros
+            assert not torch.equal(after[k], v), k  # and the surviving weights trained
+    plain = load_file(str(heal(src, dataclasses.replace(config, keep_zeros=False), tmp_path / "plain",
+                               progress=False) / "model.safetensors"))
+    assert any(int((plain[k] == 0).sum()) < int((v == 0).sum()) for k, v in sparse.items() if v.dim() > 1)
+    with pytest.raises(UsageError, match="keep_zeros holds weights at zero.*use method='full'"):
+        small(keep_zeros=True)
 
 
 def test_full_heal_is_refused_where_it_cannot_train_or_checkpoint(folders, gptq_folder):
